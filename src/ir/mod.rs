@@ -1,0 +1,25 @@
+//! The intermediate representation: a petgraph `StableGraph` of ops with
+//! ported edges, symbolic shapes, memory-mapped weights, a verifier, a
+//! canonical print and a patch API for rewrites.
+
+mod dtype;
+mod graph;
+mod op;
+mod patch;
+pub mod print;
+pub mod rope;
+mod shape;
+pub mod tensor;
+mod verify;
+mod weights;
+
+pub use dtype::DType;
+pub use graph::{Edge, Graph, ModelMeta, Node, Output, Value};
+pub use op::*;
+pub use patch::{Patch, PatchStats, PatchValue};
+pub use petgraph::stable_graph::NodeIndex;
+pub use print::print;
+pub use shape::{Dim, TensorType};
+pub use tensor::{Tensor, TensorData};
+pub use verify::verify;
+pub use weights::{MappedFile, Weight, WeightData, WeightStore};

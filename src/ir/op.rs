@@ -1,0 +1,621 @@
+//! The closed set of operators. Two levels share one graph: ONNX primitives,
+//! as importers produce them, and LLaMA-level ops, as the Hugging Face builder
+//! (and later the raise pass) produce them.
+//!
+//! Attribute forms that moved to inputs across opsets (ReduceMean `axes`,
+//! Split `split`, Unsqueeze/Squeeze `axes`) keep the form they were read in:
+//! the attribute is `Some` in the old form, the value arrives on an input port
+//! in the new one.
+
+use super::{DType, Tensor};
+use std::fmt::Write;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Sqrt,
+    Reciprocal,
+    Exp,
+    Log,
+    Tanh,
+    Sigmoid,
+    Cos,
+    Sin,
+    Erf,
+    Abs,
+    Relu,
+    Floor,
+    Ceil,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Equal,
+    Less,
+    LessOrEqual,
+    Greater,
+    GreaterOrEqual,
+    And,
+    Or,
+}
+
+/// Ops that take any number of inputs and broadcast them together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VariadicOp {
+    Max,
+    Min,
+    Sum,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Mean,
+    Sum,
+    Max,
+    Min,
+}
+
+/// How RoPE frequencies are scaled, with transformers' parameter names and
+/// formulas (`rope_scaling` / `rope_parameters`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Position interpolation: `inv_freq /= factor`.
+    Linear {
+        factor: f64,
+    },
+    /// NTK-aware dynamic scaling; the base grows with the run-time length once
+    /// it exceeds `original_max_position_embeddings`.
+    Dynamic {
+        factor: f64,
+        original_max_position_embeddings: u64,
+    },
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: u64,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Multiplies cos and sin; transformers' default is 0.1·ln(factor)+1.
+        attention_factor: Option<f64>,
+    },
+    Llama3 {
+        factor: f64,
+        original_max_position_embeddings: u64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+    },
+}
+
+/// Rotary position embedding on a `[batch, seq, num_heads*head_dim]` tensor,
+/// rotate-half convention (as Hugging Face LLaMA), over the first `rotary_dim`
+/// channels of each head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeAttrs {
+    pub num_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// Which keys a query may see.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttentionPattern {
+    /// Every earlier position and itself.
+    FullCausal,
+}
+
+/// LLaMA self-attention over already-projected, already-rotated q, k, v in
+/// `[batch, seq, heads*head_dim]` layout; GQA when `num_kv_heads < num_heads`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionAttrs {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub pattern: AttentionPattern,
+}
+
+/// ONNX opset-23 `Attention`, kept as ONNX defines it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OnnxAttentionAttrs {
+    pub is_causal: bool,
+    pub kv_num_heads: Option<i64>,
+    pub q_num_heads: Option<i64>,
+    pub scale: Option<f32>,
+    pub softcap: f32,
+    pub qk_matmul_output_mode: i64,
+    pub softmax_precision: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    // --- graph boundary ---------------------------------------------------
+    /// A graph input; its name and type are the node's output value.
+    Input,
+    /// A reference to a weight in the graph's `WeightStore`.
+    Weight {
+        name: String,
+    },
+    /// A small constant (ONNX `Constant` node or folded value).
+    Constant {
+        value: Tensor,
+    },
+
+    // --- ONNX primitives --------------------------------------------------
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    Variadic(VariadicOp),
+    Where,
+    MatMul,
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
+    Softmax {
+        axis: i64,
+    },
+    LogSoftmax {
+        axis: i64,
+    },
+    /// `axes` is `Some` in the attribute form; in the input form the axes are
+    /// input 1 (absent = all axes, unless `noop_with_empty_axes`).
+    Reduce {
+        op: ReduceOp,
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+        noop_with_empty_axes: bool,
+    },
+    Reshape {
+        allowzero: bool,
+    },
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    Concat {
+        axis: i64,
+    },
+    /// Inputs: data, starts, ends, [axes], [steps].
+    Slice,
+    Gather {
+        axis: i64,
+    },
+    GatherNd {
+        batch_dims: i64,
+    },
+    Unsqueeze {
+        axes: Option<Vec<i64>>,
+    },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Expand,
+    /// Inputs: start, limit, delta.
+    Range,
+    Shape {
+        start: Option<i64>,
+        end: Option<i64>,
+    },
+    Size,
+    Cast {
+        to: DType,
+    },
+    ConstantOfShape {
+        value: Option<Tensor>,
+    },
+    Trilu {
+        upper: bool,
+    },
+    CumSum {
+        exclusive: bool,
+        reverse: bool,
+    },
+    /// `split` is `Some` in the attribute form; else input 1 or equal parts.
+    Split {
+        axis: i64,
+        split: Option<Vec<i64>>,
+        num_outputs: usize,
+    },
+    Identity,
+    /// ONNX opset-23 `RMSNormalization`.
+    RmsNormalization {
+        axis: i64,
+        epsilon: f32,
+        stash_type: i64,
+    },
+    /// ONNX opset-23 `RotaryEmbedding`; inputs x, cos_cache, sin_cache, [position_ids].
+    RotaryEmbedding {
+        interleaved: bool,
+        num_heads: Option<i64>,
+        rotary_embedding_dim: i64,
+    },
+    /// ONNX opset-23 `Attention`; inputs Q, K, V, [attn_mask], [past_key], [past_value].
+    OnnxAttention(OnnxAttentionAttrs),
+
+    // --- LLaMA level ------------------------------------------------------
+    /// Inputs: weight [vocab, hidden], ids [batch, seq] (i64) → [batch, seq, hidden].
+    Embedding,
+    /// Inputs: x, weight. x·rsqrt(mean(x²)+eps)·weight, computed in f32.
+    RmsNorm {
+        eps: f32,
+    },
+    /// Inputs: x [batch, seq, heads*head_dim], [position_ids i64 [batch, seq]].
+    Rope(RopeAttrs),
+    /// Inputs: q, k, v.
+    Attention(AttentionAttrs),
+    /// Inputs: x, weight [out, in] (Hugging Face layout), [bias]. x·Wᵀ + b.
+    Linear,
+    /// Inputs: gate, up. silu(gate)·up.
+    SwiGlu,
+}
+
+impl Op {
+    /// The operator's name in the canonical print and in errors. ONNX
+    /// primitives use their ONNX op type.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input => "Input",
+            Op::Weight { .. } => "Weight",
+            Op::Constant { .. } => "Constant",
+            Op::Unary(u) => match u {
+                UnaryOp::Neg => "Neg",
+                UnaryOp::Sqrt => "Sqrt",
+                UnaryOp::Reciprocal => "Reciprocal",
+                UnaryOp::Exp => "Exp",
+                UnaryOp::Log => "Log",
+                UnaryOp::Tanh => "Tanh",
+                UnaryOp::Sigmoid => "Sigmoid",
+                UnaryOp::Cos => "Cos",
+                UnaryOp::Sin => "Sin",
+                UnaryOp::Erf => "Erf",
+                UnaryOp::Abs => "Abs",
+                UnaryOp::Relu => "Relu",
+                UnaryOp::Floor => "Floor",
+                UnaryOp::Ceil => "Ceil",
+                UnaryOp::Not => "Not",
+            },
+            Op::Binary(b) => match b {
+                BinaryOp::Add => "Add",
+                BinaryOp::Sub => "Sub",
+                BinaryOp::Mul => "Mul",
+                BinaryOp::Div => "Div",
+                BinaryOp::Pow => "Pow",
+                BinaryOp::Equal => "Equal",
+                BinaryOp::Less => "Less",
+                BinaryOp::LessOrEqual => "LessOrEqual",
+                BinaryOp::Greater => "Greater",
+                BinaryOp::GreaterOrEqual => "GreaterOrEqual",
+                BinaryOp::And => "And",
+                BinaryOp::Or => "Or",
+            },
+            Op::Variadic(v) => match v {
+                VariadicOp::Max => "Max",
+                VariadicOp::Min => "Min",
+                VariadicOp::Sum => "Sum",
+            },
+            Op::Where => "Where",
+            Op::MatMul => "MatMul",
+            Op::Gemm { .. } => "Gemm",
+            Op::Softmax { .. } => "Softmax",
+            Op::LogSoftmax { .. } => "LogSoftmax",
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Mean => "ReduceMean",
+                ReduceOp::Sum => "ReduceSum",
+                ReduceOp::Max => "ReduceMax",
+                ReduceOp::Min => "ReduceMin",
+            },
+            Op::Reshape { .. } => "Reshape",
+            Op::Transpose { .. } => "Transpose",
+            Op::Concat { .. } => "Concat",
+            Op::Slice => "Slice",
+            Op::Gather { .. } => "Gather",
+            Op::GatherNd { .. } => "GatherND",
+            Op::Unsqueeze { .. } => "Unsqueeze",
+            Op::Squeeze { .. } => "Squeeze",
+            Op::Expand => "Expand",
+            Op::Range => "Range",
+            Op::Shape { .. } => "Shape",
+            Op::Size => "Size",
+            Op::Cast { .. } => "Cast",
+            Op::ConstantOfShape { .. } => "ConstantOfShape",
+            Op::Trilu { .. } => "Trilu",
+            Op::CumSum { .. } => "CumSum",
+            Op::Split { .. } => "Split",
+            Op::Identity => "Identity",
+            Op::RmsNormalization { .. } => "RMSNormalization",
+            Op::RotaryEmbedding { .. } => "RotaryEmbedding",
+            Op::OnnxAttention(_) => "onnx.Attention",
+            Op::Embedding => "Embedding",
+            Op::RmsNorm { .. } => "RmsNorm",
+            Op::Rope(_) => "Rope",
+            Op::Attention(_) => "Attention",
+            Op::Linear => "Linear",
+            Op::SwiGlu => "SwiGlu",
+        }
+    }
+
+    /// True for the LLaMA-level ops (which ONNX export must lower).
+    pub fn is_llama_level(&self) -> bool {
+        matches!(
+            self,
+            Op::Embedding
+                | Op::RmsNorm { .. }
+                | Op::Rope(_)
+                | Op::Attention(_)
+                | Op::Linear
+                | Op::SwiGlu
+        )
+    }
+
+    /// Allowed number of input ports (min, max). Optional trailing inputs
+    /// may be absent; `usize::MAX` means variadic.
+    pub fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Input | Op::Weight { .. } | Op::Constant { .. } => (0, 0),
+            Op::Unary(_) | Op::Softmax { .. } | Op::LogSoftmax { .. } => (1, 1),
+            Op::Transpose { .. } | Op::Shape { .. } | Op::Size | Op::Cast { .. } => (1, 1),
+            Op::ConstantOfShape { .. } | Op::Identity => (1, 1),
+            Op::Binary(_) | Op::MatMul | Op::Expand => (2, 2),
+            Op::Variadic(_) | Op::Concat { .. } => (1, usize::MAX),
+            Op::Where | Op::Range => (3, 3),
+            Op::Gemm { .. } => (2, 3),
+            Op::Reduce { axes: Some(_), .. } => (1, 1),
+            Op::Reduce { axes: None, .. } => (1, 2),
+            Op::Reshape { .. } | Op::Gather { .. } | Op::GatherNd { .. } => (2, 2),
+            Op::Slice => (3, 5),
+            Op::Unsqueeze { axes: Some(_) } | Op::Squeeze { axes: Some(_) } => (1, 1),
+            Op::Unsqueeze { axes: None } => (2, 2),
+            Op::Squeeze { axes: None } => (1, 2),
+            Op::Trilu { .. } => (1, 2),
+            Op::CumSum { .. } => (2, 2),
+            Op::Split { split: Some(_), .. } => (1, 1),
+            Op::Split { split: None, .. } => (1, 2),
+            Op::RmsNormalization { .. } => (2, 2),
+            Op::RotaryEmbedding { .. } => (3, 4),
+            Op::OnnxAttention(_) => (3, 6),
+            Op::Embedding => (2, 2),
+            Op::RmsNorm { .. } => (2, 2),
+            Op::Rope(_) => (1, 2),
+            Op::Attention(_) => (3, 3),
+            Op::Linear => (2, 3),
+            Op::SwiGlu => (2, 2),
+        }
+    }
+
+    /// Number of outputs.
+    pub fn num_outputs(&self) -> usize {
+        match self {
+            Op::Split { num_outputs, .. } => *num_outputs,
+            Op::OnnxAttention(_) => 1,
+            _ => 1,
+        }
+    }
+
+    /// The attributes in a fixed order, rendered for the canonical print and
+    /// for `diff-graph` (`name=value`).
+    pub fn attrs(&self) -> Vec<(&'static str, String)> {
+        fn ints(v: &[i64]) -> String {
+            let mut s = String::from("[");
+            for (i, x) in v.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                let _ = write!(s, "{x}");
+            }
+            s.push(']');
+            s
+        }
+        let f = |x: f64| super::tensor::format_float(x);
+        let mut a: Vec<(&'static str, String)> = Vec::new();
+        match self {
+            Op::Weight { name } => a.push(("name", name.clone())),
+            Op::Constant { value } => {
+                a.push(("dtype", value.dtype.to_string()));
+                a.push(("shape", format!("{:?}", value.shape)));
+                a.push(("value", value.summary()));
+            }
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => {
+                a.push(("alpha", f(*alpha as f64)));
+                a.push(("beta", f(*beta as f64)));
+                a.push(("transA", (*trans_a as u8).to_string()));
+                a.push(("transB", (*trans_b as u8).to_string()));
+            }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
+                a.push(("axis", axis.to_string()))
+            }
+            Op::Reduce {
+                axes,
+                keepdims,
+                noop_with_empty_axes,
+                ..
+            } => {
+                if let Some(ax) = axes {
+                    a.push(("axes", ints(ax)));
+                }
+                a.push(("keepdims", (*keepdims as u8).to_string()));
+                if *noop_with_empty_axes {
+                    a.push(("noop_with_empty_axes", "1".into()));
+                }
+            }
+            Op::Reshape { allowzero } => {
+                if *allowzero {
+                    a.push(("allowzero", "1".into()))
+                }
+            }
+            Op::Transpose { perm } => {
+                if let Some(p) = perm {
+                    a.push(("perm", ints(p)))
+                }
+            }
+            Op::Gather { axis } => a.push(("axis", axis.to_string())),
+            Op::GatherNd { batch_dims } => a.push(("batch_dims", batch_dims.to_string())),
+            Op::Unsqueeze { axes } | Op::Squeeze { axes } => {
+                if let Some(ax) = axes {
+                    a.push(("axes", ints(ax)))
+                }
+            }
+            Op::Shape { start, end } => {
+                if let Some(s) = start {
+                    a.push(("start", s.to_string()))
+                }
+                if let Some(e) = end {
+                    a.push(("end", e.to_string()))
+                }
+            }
+            Op::Cast { to } => a.push(("to", to.to_string())),
+            Op::ConstantOfShape { value } => {
+                if let Some(v) = value {
+                    a.push(("value", format!("{}{}", v.dtype, v.summary())))
+                }
+            }
+            Op::Trilu { upper } => a.push(("upper", (*upper as u8).to_string())),
+            Op::CumSum { exclusive, reverse } => {
+                a.push(("exclusive", (*exclusive as u8).to_string()));
+                a.push(("reverse", (*reverse as u8).to_string()));
+            }
+            Op::Split {
+                axis,
+                split,
+                num_outputs,
+            } => {
+                a.push(("axis", axis.to_string()));
+                if let Some(s) = split {
+                    a.push(("split", ints(s)));
+                }
+                a.push(("outputs", num_outputs.to_string()));
+            }
+            Op::RmsNormalization {
+                axis,
+                epsilon,
+                stash_type,
+            } => {
+                a.push(("axis", axis.to_string()));
+                a.push(("epsilon", f(*epsilon as f64)));
+                a.push(("stash_type", stash_type.to_string()));
+            }
+            Op::RotaryEmbedding {
+                interleaved,
+                num_heads,
+                rotary_embedding_dim,
+            } => {
+                a.push(("interleaved", (*interleaved as u8).to_string()));
+                if let Some(n) = num_heads {
+                    a.push(("num_heads", n.to_string()));
+                }
+                a.push(("rotary_embedding_dim", rotary_embedding_dim.to_string()));
+            }
+            Op::OnnxAttention(at) => {
+                a.push(("is_causal", (at.is_causal as u8).to_string()));
+                if let Some(n) = at.q_num_heads {
+                    a.push(("q_num_heads", n.to_string()));
+                }
+                if let Some(n) = at.kv_num_heads {
+                    a.push(("kv_num_heads", n.to_string()));
+                }
+                if let Some(s) = at.scale {
+                    a.push(("scale", f(s as f64)));
+                }
+                if at.softcap != 0.0 {
+                    a.push(("softcap", f(at.softcap as f64)));
+                }
+                if at.qk_matmul_output_mode != 0 {
+                    a.push((
+                        "qk_matmul_output_mode",
+                        at.qk_matmul_output_mode.to_string(),
+                    ));
+                }
+                if let Some(p) = at.softmax_precision {
+                    a.push(("softmax_precision", p.to_string()));
+                }
+            }
+            Op::RmsNorm { eps } => a.push(("eps", f(*eps as f64))),
+            Op::Rope(r) => {
+                a.push(("heads", r.num_heads.to_string()));
+                a.push(("head_dim", r.head_dim.to_string()));
+                if r.rotary_dim != r.head_dim {
+                    a.push(("rotary_dim", r.rotary_dim.to_string()));
+                }
+                a.push(("theta", f(r.theta)));
+                match &r.scaling {
+                    RopeScaling::None => {}
+                    RopeScaling::Linear { factor } => {
+                        a.push(("scaling", "linear".into()));
+                        a.push(("factor", f(*factor)));
+                    }
+                    RopeScaling::Dynamic {
+                        factor,
+                        original_max_position_embeddings,
+                    } => {
+                        a.push(("scaling", "dynamic".into()));
+                        a.push(("factor", f(*factor)));
+                        a.push((
+                            "original_max_position_embeddings",
+                            original_max_position_embeddings.to_string(),
+                        ));
+                    }
+                    RopeScaling::Yarn {
+                        factor,
+                        original_max_position_embeddings,
+                        beta_fast,
+                        beta_slow,
+                        attention_factor,
+                    } => {
+                        a.push(("scaling", "yarn".into()));
+                        a.push(("factor", f(*factor)));
+                        a.push((
+                            "original_max_position_embeddings",
+                            original_max_position_embeddings.to_string(),
+                        ));
+                        a.push(("beta_fast", f(*beta_fast)));
+                        a.push(("beta_slow", f(*beta_slow)));
+                        if let Some(af) = attention_factor {
+                            a.push(("attention_factor", f(*af)));
+                        }
+                    }
+                    RopeScaling::Llama3 {
+                        factor,
+                        original_max_position_embeddings,
+                        low_freq_factor,
+                        high_freq_factor,
+                    } => {
+                        a.push(("scaling", "llama3".into()));
+                        a.push(("factor", f(*factor)));
+                        a.push((
+                            "original_max_position_embeddings",
+                            original_max_position_embeddings.to_string(),
+                        ));
+                        a.push(("low_freq_factor", f(*low_freq_factor)));
+                        a.push(("high_freq_factor", f(*high_freq_factor)));
+                    }
+                }
+            }
+            Op::Attention(at) => {
+                a.push(("heads", at.num_heads.to_string()));
+                a.push(("kv_heads", at.num_kv_heads.to_string()));
+                a.push(("head_dim", at.head_dim.to_string()));
+                a.push(("scale", f(at.scale as f64)));
+                a.push((
+                    "pattern",
+                    match at.pattern {
+                        AttentionPattern::FullCausal => "full_causal".into(),
+                    },
+                ));
+            }
+            _ => {}
+        }
+        a
+    }
+}

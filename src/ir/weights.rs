@@ -1,0 +1,181 @@
+//! Weights: references into memory-mapped files, never copied at import.
+
+use super::{DType, Tensor};
+use crate::{Error, Result};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A read-only memory map of one file, shared by every weight that lives in it.
+#[derive(Debug)]
+pub struct MappedFile {
+    pub path: PathBuf,
+    pub map: Mmap,
+}
+
+impl MappedFile {
+    /// Maps `path`. An empty file maps to an empty slice (mmap of length 0
+    /// fails on Linux, so it is not mapped at all).
+    pub fn open(path: &Path) -> Result<Arc<MappedFile>> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only. A file truncated by another process
+        // while mapped would fault; that is the documented hazard of every
+        // mmap-based loader (safetensors, onnxruntime) and is accepted here.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Arc::new(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        }))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// Where a weight's bytes are.
+#[derive(Clone, Debug)]
+pub enum WeightData {
+    /// `len` bytes at `offset` in a mapped file.
+    Mapped {
+        file: Arc<MappedFile>,
+        offset: usize,
+        len: usize,
+    },
+    /// Little-endian bytes held in memory (small tensors, trained weights).
+    Owned(Arc<Vec<u8>>),
+    /// A shape-only model: the weight has a type but no values.
+    Absent,
+}
+
+/// One named parameter of the model.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: WeightData,
+    pub trainable: bool,
+}
+
+impl Weight {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// The raw little-endian bytes, if the weight has values.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match &self.data {
+            WeightData::Mapped { file, offset, len } => file.bytes().get(*offset..*offset + *len),
+            WeightData::Owned(v) => Some(v),
+            WeightData::Absent => None,
+        }
+    }
+
+    /// Where the bytes come from, for error messages.
+    pub fn source(&self) -> String {
+        match &self.data {
+            WeightData::Mapped { file, offset, .. } => {
+                format!("{} at offset {offset}", file.path.display())
+            }
+            WeightData::Owned(_) => "memory".into(),
+            WeightData::Absent => "nowhere (shape-only model)".into(),
+        }
+    }
+
+    /// Decodes the weight into a compute tensor (f16/bf16 become f32).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let bytes = self.bytes().ok_or_else(|| {
+            Error::invalid(format!(
+                "weight '{}' has no data ({}); a shape-only model can be inspected but not run",
+                self.name,
+                self.source()
+            ))
+        })?;
+        Tensor::from_le_bytes(self.dtype, self.shape.clone(), bytes)
+            .map_err(|e| Error::invalid(format!("weight '{}': {e}", self.name)))
+    }
+
+    /// A weight holding a tensor's values in memory.
+    pub fn from_tensor(name: impl Into<String>, t: &Tensor, trainable: bool) -> Weight {
+        Weight {
+            name: name.into(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data: WeightData::Owned(Arc::new(t.to_le_bytes())),
+            trainable,
+        }
+    }
+}
+
+/// The model's weights by name, in insertion order (which export preserves).
+#[derive(Clone, Debug, Default)]
+pub struct WeightStore {
+    items: Vec<Weight>,
+    index: HashMap<String, usize>,
+}
+
+impl WeightStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a weight.
+    pub fn insert(&mut self, w: Weight) {
+        match self.index.get(&w.name) {
+            Some(&i) => self.items[i] = w,
+            None => {
+                self.index.insert(w.name.clone(), self.items.len());
+                self.items.push(w);
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Weight> {
+        self.index.get(name).map(|&i| &self.items[i])
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Weight> {
+        self.index.get(name).map(|&i| &mut self.items[i])
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Weight> {
+        let i = self.index.remove(name)?;
+        let w = self.items.remove(i);
+        for v in self.index.values_mut() {
+            if *v > i {
+                *v -= 1;
+            }
+        }
+        Some(w)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Weight> {
+        self.items.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn num_params(&self) -> u64 {
+        self.items.iter().map(|w| w.numel() as u64).sum()
+    }
+
+    pub fn num_bytes(&self) -> u64 {
+        self.items.iter().map(|w| w.nbytes() as u64).sum()
+    }
+}
