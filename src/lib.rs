@@ -10,5 +10,6 @@ pub mod ir;
 pub mod model;
 pub mod onnx;
 pub mod runtime;
+pub mod util;
 
 pub use error::{Error, Result};

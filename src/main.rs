@@ -1,1 +1,235 @@
-fn main() {}
+//! The `lcc` command line. Each subcommand parses its arguments and calls
+//! one library function; errors print with their causes and exit with 2.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lcc::ir::{self, Tensor};
+use lcc::{hf, model, onnx, runtime};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "lcc",
+    version,
+    about = "A compiler for long-context (LongLoRA) fine-tuning of LLaMA models",
+    long_about = "lcc imports a LLaMA model (an ONNX file as torch's exporters write it, or a Hugging Face \
+directory: config.json + safetensors) into a graph IR, and inspects, runs, compares and converts it.\n\n\
+Exit codes: 0 success (diff-graph: graphs equal), 1 diff-graph: graphs differ, 2 error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summarise a model: format, opsets, inputs/outputs, op histogram, parameters.
+    Inspect {
+        /// An .onnx file or a Hugging Face directory.
+        model: PathBuf,
+        /// Print the canonical IR text instead of the summary.
+        #[arg(long)]
+        print: bool,
+        /// Print the summary as JSON.
+        #[arg(long, conflicts_with = "print")]
+        json: bool,
+    },
+    /// Run the model's forward pass on the CPU.
+    Exec {
+        /// An .onnx file or a Hugging Face directory.
+        model: PathBuf,
+        /// A safetensors file with one tensor per graph input, by input name
+        /// (for a Hugging Face model: `input_ids`, int64 [batch, seq]).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write the outputs (safetensors, by graph output name).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Compare two models (ONNX or Hugging Face, mixed): a semantic summary,
+    /// then a unified diff of their canonical prints.
+    #[command(name = "diff-graph")]
+    DiffGraph {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print only the summary.
+        #[arg(long)]
+        stat: bool,
+        /// Never colour the diff (it is coloured only when stdout is a terminal).
+        #[arg(long)]
+        no_color: bool,
+    },
+    /// Convert between ONNX and Hugging Face (the output's form follows its
+    /// name: `*.onnx` or a directory).
+    Convert {
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// When ONNX weights go to an external data file beside the model.
+        #[arg(long, value_enum, default_value_t = ExternalDataArg::Auto)]
+        external_data: ExternalDataArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExternalDataArg {
+    /// Only when the weights exceed protobuf's 2 GB limit.
+    Auto,
+    Always,
+    Never,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Inspect { model, print, json } => inspect(&model, print, json),
+        Command::Exec {
+            model,
+            inputs,
+            output,
+            threads,
+        } => exec(&model, &inputs, &output, threads),
+        Command::DiffGraph {
+            a,
+            b,
+            stat,
+            no_color,
+        } => diff_graph(&a, &b, stat, no_color),
+        Command::Convert {
+            input,
+            output,
+            external_data,
+        } => convert(&input, &output, external_data),
+    }
+}
+
+fn inspect(path: &PathBuf, print: bool, json: bool) -> Result<ExitCode> {
+    let format = model::detect(path)?;
+    let graph = model::load(path)?;
+    let mut out = std::io::stdout().lock();
+    if print {
+        out.write_all(ir::print(&graph)?.as_bytes())?;
+    } else {
+        let summary = model::summarize(&graph, path, format);
+        if json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+        } else {
+            write!(out, "{summary}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(path: &PathBuf, inputs: &PathBuf, output: &PathBuf, threads: Option<usize>) -> Result<ExitCode> {
+    let graph = model::load(path)?;
+    let tensors: HashMap<String, Tensor> = hf::read_tensors(inputs)
+        .with_context(|| format!("reading inputs from {}", inputs.display()))?
+        .into_iter()
+        .collect();
+    let backend = runtime::cpu::CpuBackend::new(threads);
+    let start = std::time::Instant::now();
+    let outputs = runtime::Backend::run(&backend, &graph, &tensors)?;
+    let elapsed = start.elapsed();
+    let mut named: Vec<(String, Tensor)> = Vec::with_capacity(outputs.len());
+    for (name, _) in &graph.outputs {
+        match outputs.get(name) {
+            Some(t) => named.push((name.clone(), t.clone())),
+            None => bail!("the run produced no value for output '{name}'"),
+        }
+    }
+    hf::write_tensors(output, &named)?;
+    for (name, t) in &named {
+        eprintln!("wrote {name}: {}{:?}", t.dtype, t.shape);
+    }
+    eprintln!("ran {} in {:.3} s; outputs in {}", path.display(), elapsed.as_secs_f64(), output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn diff_graph(a: &PathBuf, b: &PathBuf, stat: bool, no_color: bool) -> Result<ExitCode> {
+    let ga = model::load(a)?;
+    let gb = model::load(b)?;
+    let pa = ir::print(&ga)?;
+    let pb = ir::print(&gb)?;
+    let summary = ir::diff::diff(&ga, &gb)?;
+    let equal = pa == pb;
+    let mut out = std::io::stdout().lock();
+    if equal {
+        writeln!(out, "graphs are equal")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    write!(out, "{summary}")?;
+    if !stat {
+        let color = !no_color && std::io::stdout().is_terminal();
+        let text = similar::TextDiff::from_lines(&pa, &pb);
+        let udiff = text
+            .unified_diff()
+            .context_radius(3)
+            .header(&a.display().to_string(), &b.display().to_string())
+            .to_string();
+        writeln!(out)?;
+        for line in udiff.lines() {
+            if color {
+                let code = if line.starts_with("+++") || line.starts_with("---") {
+                    "1"
+                } else if line.starts_with('+') {
+                    "32"
+                } else if line.starts_with('-') {
+                    "31"
+                } else if line.starts_with("@@") {
+                    "36"
+                } else {
+                    ""
+                };
+                if code.is_empty() {
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "\x1b[{code}m{line}\x1b[0m")?;
+                }
+            } else {
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    Ok(ExitCode::from(1))
+}
+
+fn convert(input: &PathBuf, output: &PathBuf, external: ExternalDataArg) -> Result<ExitCode> {
+    let from = model::detect(input)?;
+    let graph = model::load(input)?;
+    let opts = onnx::ExportOptions {
+        external_data: match external {
+            ExternalDataArg::Auto => onnx::ExternalData::Auto,
+            ExternalDataArg::Always => onnx::ExternalData::Always,
+            ExternalDataArg::Never => onnx::ExternalData::Never,
+        },
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    let to = model::save(&graph, output, &opts)
+        .with_context(|| format!("converting {} to {}", input.display(), output.display()))?;
+    eprintln!(
+        "converted {} ({}) to {} ({}) in {:.2} s",
+        input.display(),
+        from.describe(),
+        output.display(),
+        to.describe(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,236 @@
-//! Placeholder
+//! Models as files: format detection, load, save, and the summary that
+//! `lcc inspect` prints. This is the one place that knows both formats; the
+//! CLI calls it and nothing below it.
+
+use crate::ir::{Dim, Graph, Op, TensorType};
+use crate::util::{group_digits, human_bytes};
+use crate::{hf, onnx, Error, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The two on-disk forms a model can take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A single `.onnx` file (with optional external data beside it).
+    Onnx,
+    /// A Hugging Face directory: config.json + safetensors.
+    Hf,
+}
+
+impl Format {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Format::Onnx => "ONNX",
+            Format::Hf => "Hugging Face directory",
+        }
+    }
+}
+
+/// What `path` holds: a directory is a Hugging Face model, a file is ONNX.
+pub fn detect(path: &Path) -> Result<Format> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(Error::format(
+                path,
+                "is a directory without config.json; a Hugging Face model directory needs config.json and its safetensors",
+            ));
+        }
+        Ok(Format::Hf)
+    } else {
+        Ok(Format::Onnx)
+    }
+}
+
+/// Where `path` will be written: `*.onnx` is ONNX, anything else a directory.
+pub fn output_format(path: &Path) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) if ext.eq_ignore_ascii_case("onnx") => Format::Onnx,
+        _ => Format::Hf,
+    }
+}
+
+/// Loads an ONNX file or a Hugging Face directory.
+pub fn load(path: &Path) -> Result<Graph> {
+    match detect(path)? {
+        Format::Onnx => onnx::load(path),
+        Format::Hf => hf::load(path),
+    }
+}
+
+/// Writes `graph` as ONNX (`*.onnx`) or as a Hugging Face directory.
+pub fn save(graph: &Graph, path: &Path, onnx_options: &onnx::ExportOptions) -> Result<Format> {
+    let format = output_format(path);
+    match format {
+        Format::Onnx => onnx::save(graph, path, onnx_options)?,
+        Format::Hf => hf::save(graph, path)?,
+    }
+    Ok(format)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OpsetInfo {
+    pub domain: String,
+    pub version: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ValueSummary {
+    pub name: String,
+    pub dtype: Option<String>,
+    /// Each dimension a number or a symbol; `None` when the rank is unknown.
+    pub shape: Option<Vec<serde_json::Value>>,
+}
+
+/// What `lcc inspect` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub path: String,
+    pub format: Format,
+    pub ir_version: Option<i64>,
+    pub opsets: Vec<OpsetInfo>,
+    pub producer: Option<String>,
+    pub inputs: Vec<ValueSummary>,
+    pub outputs: Vec<ValueSummary>,
+    pub nodes: usize,
+    pub ops: BTreeMap<String, usize>,
+    pub weights: usize,
+    pub parameters: u64,
+    pub parameter_bytes: u64,
+    pub trainable_parameters: u64,
+    /// Parameters per storage dtype.
+    pub weight_dtypes: BTreeMap<String, u64>,
+}
+
+fn value_summary(name: &str, ty: Option<&TensorType>) -> ValueSummary {
+    ValueSummary {
+        name: name.to_string(),
+        dtype: ty.map(|t| t.dtype.to_string()),
+        shape: ty.and_then(|t| t.shape.as_ref()).map(|dims| {
+            dims.iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => serde_json::Value::from(*n),
+                    Dim::Sym(s) => serde_json::Value::from(if s.is_empty() { "?" } else { s.as_str() }),
+                })
+                .collect()
+        }),
+    }
+}
+
+/// Summarises a loaded graph.
+pub fn summarize(graph: &Graph, path: &Path, format: Format) -> Summary {
+    let inputs = graph
+        .inputs
+        .iter()
+        .map(|&n| {
+            let o = &graph.node(n).outputs[0];
+            value_summary(&o.name, o.ty.as_ref())
+        })
+        .collect();
+    let outputs = graph
+        .outputs
+        .iter()
+        .map(|(name, v)| value_summary(name, graph.value_type(*v)))
+        .collect();
+    let mut weight_dtypes = BTreeMap::new();
+    for w in graph.weights.iter() {
+        *weight_dtypes.entry(w.dtype.to_string()).or_insert(0u64) += w.numel() as u64;
+    }
+    Summary {
+        path: path.display().to_string(),
+        format,
+        ir_version: graph.meta.ir_version,
+        opsets: graph
+            .meta
+            .opsets
+            .iter()
+            .map(|(d, v)| OpsetInfo {
+                domain: if d.is_empty() { "ai.onnx".into() } else { d.clone() },
+                version: *v,
+            })
+            .collect(),
+        producer: graph.meta.producer.clone(),
+        inputs,
+        outputs,
+        nodes: graph
+            .g
+            .node_weights()
+            .filter(|n| !matches!(n.op, Op::Input | Op::Weight { .. }))
+            .count(),
+        ops: graph.op_histogram(),
+        weights: graph.weights.len(),
+        parameters: graph.weights.num_params(),
+        parameter_bytes: graph.weights.num_bytes(),
+        trainable_parameters: graph
+            .weights
+            .iter()
+            .filter(|w| w.trainable)
+            .map(|w| w.numel() as u64)
+            .sum(),
+        weight_dtypes,
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shape = |v: &ValueSummary| {
+            let dt = v.dtype.clone().unwrap_or_else(|| "?".into());
+            match &v.shape {
+                None => format!("{dt}[*]"),
+                Some(d) => {
+                    let dims: Vec<String> = d
+                        .iter()
+                        .map(|x| match x {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect();
+                    format!("{dt}[{}]", dims.join(","))
+                }
+            }
+        };
+        writeln!(f, "model:      {}", self.path)?;
+        write!(f, "format:     {}", self.format.describe())?;
+        if let Some(v) = self.ir_version {
+            write!(f, ", IR version {v}")?;
+        }
+        if !self.opsets.is_empty() {
+            let o: Vec<String> = self.opsets.iter().map(|o| format!("{} {}", o.domain, o.version)).collect();
+            write!(f, ", opsets: {}", o.join(", "))?;
+        }
+        writeln!(f)?;
+        if let Some(p) = &self.producer {
+            writeln!(f, "producer:   {p}")?;
+        }
+        writeln!(f, "inputs:")?;
+        for i in &self.inputs {
+            writeln!(f, "  {:<24} {}", i.name, shape(i))?;
+        }
+        writeln!(f, "outputs:")?;
+        for o in &self.outputs {
+            writeln!(f, "  {:<24} {}", o.name, shape(o))?;
+        }
+        writeln!(f, "ops:        {} nodes", self.nodes)?;
+        let mut ops: Vec<(&String, &usize)> = self.ops.iter().collect();
+        ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (op, n) in ops {
+            writeln!(f, "  {op:<24} {n}")?;
+        }
+        writeln!(
+            f,
+            "parameters: {} ({}) in {} weights",
+            group_digits(self.parameters),
+            human_bytes(self.parameter_bytes),
+            self.weights
+        )?;
+        let dts: Vec<String> = self
+            .weight_dtypes
+            .iter()
+            .map(|(d, n)| format!("{d} {}", group_digits(*n)))
+            .collect();
+        writeln!(f, "dtypes:     {}", if dts.is_empty() { "-".into() } else { dts.join(", ") })?;
+        writeln!(f, "trainable:  {}", group_digits(self.trainable_parameters))
+    }
+}

@@ -2,6 +2,7 @@
 //! ported edges, symbolic shapes, memory-mapped weights, a verifier, a
 //! canonical print and a patch API for rewrites.
 
+pub mod diff;
 mod dtype;
 mod graph;
 mod op;
