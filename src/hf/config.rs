@@ -22,6 +22,9 @@ use std::path::Path;
 
 /// The largest config.json lcc reads (real ones are a few KiB).
 const MAX_CONFIG_BYTES: u64 = 16 << 20;
+/// More layers than any real model has (LLaMA-3 405B has 126); a bound that
+/// keeps a hostile config from making the builder loop for ever.
+const MAX_LAYERS: usize = 100_000;
 
 /// Which transformers generation wrote the file; `to_json` writes the same.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +252,11 @@ impl LlamaConfig {
                 return Err(f.err(format!("field '{k}' must be at least 1, got 0")));
             }
         }
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(f.err(format!(
+                "num_hidden_layers {num_hidden_layers} is not a real model (lcc accepts at most {MAX_LAYERS})"
+            )));
+        }
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(f.err(format!(
                 "num_key_value_heads ({num_key_value_heads}) must divide num_attention_heads ({num_attention_heads})"
@@ -377,7 +385,16 @@ impl LlamaConfig {
         self.rope_theta = attrs.theta;
         self.rope_scaling = attrs.scaling.clone();
         if attrs.rotary_dim != self.rotary_dim() && self.head_dim > 0 {
-            self.partial_rotary_factor = attrs.rotary_dim as f64 / self.head_dim as f64;
+            let mut p = attrs.rotary_dim as f64 / self.head_dim as f64;
+            // transformers truncates `head_dim * factor`; nudge the factor up
+            // until it gives back exactly this rotary dim.
+            for _ in 0..4 {
+                if (self.head_dim as f64 * p) as usize >= attrs.rotary_dim {
+                    break;
+                }
+                p = f64::from_bits(p.to_bits() + 1);
+            }
+            self.partial_rotary_factor = p;
         }
     }
 
@@ -392,7 +409,7 @@ impl LlamaConfig {
         let obj = out.as_object_mut().expect("made an object above");
         macro_rules! put {
             ($field:ident, $key:expr) => {
-                if orig.as_ref().map_or(true, |o| o.$field != self.$field) {
+                if orig.as_ref().is_none_or(|o| o.$field != self.$field) {
                     obj.insert($key.to_string(), serde_json::json!(self.$field));
                 }
             };
@@ -409,7 +426,7 @@ impl LlamaConfig {
         put!(tie_word_embeddings, "tie_word_embeddings");
         put!(attention_bias, "attention_bias");
         put!(mlp_bias, "mlp_bias");
-        if orig.as_ref().map_or(true, |o| o.dtype != self.dtype) {
+        if orig.as_ref().is_none_or(|o| o.dtype != self.dtype) {
             let key = if obj.contains_key("dtype") {
                 "dtype"
             } else if obj.contains_key("torch_dtype") || self.form == ConfigForm::V4 {
@@ -425,7 +442,7 @@ impl LlamaConfig {
         if obj.get("model_type").is_none() && orig.is_none() {
             obj.insert("model_type".into(), Value::String("llama".into()));
         }
-        let rope_changed = orig.as_ref().map_or(true, |o| {
+        let rope_changed = orig.as_ref().is_none_or(|o| {
             o.rope_theta != self.rope_theta
                 || o.rope_scaling != self.rope_scaling
                 || o.partial_rotary_factor != self.partial_rotary_factor
@@ -926,6 +943,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("model_type 'mistral'"), "{e}");
+    }
+
+    #[test]
+    fn absurd_layer_counts_are_refused() {
+        let e = parse(with(base(), "num_hidden_layers", json!(1u64 << 40)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a real model"), "{e}");
+    }
+
+    #[test]
+    fn set_rope_keeps_the_rotary_dim() {
+        let mut c = parse(base()).unwrap();
+        for rd in (2..=16).step_by(2) {
+            let mut r = c.rope_attrs(4);
+            r.rotary_dim = rd;
+            r.theta = 5e5;
+            c.set_rope(&r);
+            assert_eq!(c.rotary_dim(), rd);
+            let back = parse(c.to_json()).unwrap();
+            assert_eq!(back.rotary_dim(), rd);
+            assert_eq!(back.rope_theta, 5e5);
+        }
     }
 
     #[test]

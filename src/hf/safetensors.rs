@@ -300,7 +300,8 @@ fn header_bytes(weights: &[&Weight], metadata: &[(&str, &str)]) -> Result<Vec<u8
 fn stream_weight(w: &Weight, out: &mut File, out_path: &Path) -> Result<()> {
     let (bytes, map): (&[u8], Option<(&MappedFile, usize)>) = match &w.data {
         WeightData::Mapped { file, offset, len } => {
-            let b = file.bytes().get(*offset..*offset + *len).ok_or_else(|| {
+            let range = offset.checked_add(*len).map(|end| *offset..end);
+            let b = range.and_then(|r| file.bytes().get(r)).ok_or_else(|| {
                 Error::format(
                     &file.path,
                     format!(
@@ -312,10 +313,12 @@ fn stream_weight(w: &Weight, out: &mut File, out_path: &Path) -> Result<()> {
             (b, Some((file.as_ref(), *offset)))
         }
         WeightData::Owned(v) => (v.as_slice(), None),
-        WeightData::Absent => return Err(Error::invalid(format!(
+        WeightData::Absent => {
+            return Err(Error::invalid(format!(
             "weight '{}' has no data (shape-only model); only a model with weights can be saved",
             w.name
-        ))),
+        )))
+        }
     };
     if bytes.len() != w.nbytes() {
         return Err(Error::invalid(format!(
@@ -737,6 +740,42 @@ mod tests {
                 "allocated {allocated}"
             );
         }
+    }
+
+    #[test]
+    fn a_sparse_mapped_source_stays_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.safetensors");
+        let n = 16usize << 20; // 64 MiB of f32 zeros, never written
+        let w = Weight {
+            name: "big".into(),
+            dtype: DType::F32,
+            shape: vec![n],
+            data: WeightData::Absent,
+            trainable: false,
+        };
+        let header = header_bytes(&[&w], &[]).unwrap();
+        let f = File::create(&src).unwrap();
+        (&f).write_all(&header).unwrap();
+        f.set_len((header.len() + 4 * n) as u64).unwrap();
+        drop(f);
+        let ws = read_safetensors(&src).unwrap();
+        let dst = dir.path().join("dst.safetensors");
+        write_safetensors(&dst, &[&ws[0]], &[]).unwrap();
+        let md = std::fs::metadata(&dst).unwrap();
+        assert_eq!(md.len() as usize, header.len() + 4 * n);
+        let src_md = std::fs::metadata(&src).unwrap();
+        if src_md.blocks() * 512 < src_md.len() {
+            // The filesystem keeps holes: so must the copy.
+            assert!(
+                md.blocks() * 512 < (1 << 20),
+                "allocated {}",
+                md.blocks() * 512
+            );
+        }
+        let back = read_safetensors(&dst).unwrap();
+        assert!(back[0].bytes().unwrap().iter().all(|&b| b == 0));
     }
 
     #[test]
