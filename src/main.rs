@@ -7,7 +7,7 @@ use lcc::ir::{self, Tensor};
 use lcc::{hf, model, onnx, runtime};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -119,7 +119,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn inspect(path: &PathBuf, print: bool, json: bool) -> Result<ExitCode> {
+fn inspect(path: &Path, print: bool, json: bool) -> Result<ExitCode> {
     let format = model::detect(path)?;
     let graph = model::load(path)?;
     let mut out = std::io::stdout().lock();
@@ -136,7 +136,7 @@ fn inspect(path: &PathBuf, print: bool, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn exec(path: &PathBuf, inputs: &PathBuf, output: &PathBuf, threads: Option<usize>) -> Result<ExitCode> {
+fn exec(path: &Path, inputs: &Path, output: &Path, threads: Option<usize>) -> Result<ExitCode> {
     let graph = model::load(path)?;
     let tensors: HashMap<String, Tensor> = hf::read_tensors(inputs)
         .with_context(|| format!("reading inputs from {}", inputs.display()))?
@@ -157,11 +157,16 @@ fn exec(path: &PathBuf, inputs: &PathBuf, output: &PathBuf, threads: Option<usiz
     for (name, t) in &named {
         eprintln!("wrote {name}: {}{:?}", t.dtype, t.shape);
     }
-    eprintln!("ran {} in {:.3} s; outputs in {}", path.display(), elapsed.as_secs_f64(), output.display());
+    eprintln!(
+        "ran {} in {:.3} s; outputs in {}",
+        path.display(),
+        elapsed.as_secs_f64(),
+        output.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-fn diff_graph(a: &PathBuf, b: &PathBuf, stat: bool, no_color: bool) -> Result<ExitCode> {
+fn diff_graph(a: &Path, b: &Path, stat: bool, no_color: bool) -> Result<ExitCode> {
     let ga = model::load(a)?;
     let gb = model::load(b)?;
     let pa = ir::print(&ga)?;
@@ -209,7 +214,7 @@ fn diff_graph(a: &PathBuf, b: &PathBuf, stat: bool, no_color: bool) -> Result<Ex
     Ok(ExitCode::from(1))
 }
 
-fn convert(input: &PathBuf, output: &PathBuf, external: ExternalDataArg) -> Result<ExitCode> {
+fn convert(input: &Path, output: &Path, external: ExternalDataArg) -> Result<ExitCode> {
     let from = model::detect(input)?;
     let graph = model::load(input)?;
     let opts = onnx::ExportOptions {

@@ -156,7 +156,11 @@ pub fn diff(a: &Graph, b: &Graph) -> Result<GraphDiff> {
             None => unmatched_a.push(n),
         }
     }
-    let mut rest_b: Vec<NodeIndex> = hb.iter().map(|&(n, _)| n).filter(|n| !matched_b.contains(n)).collect();
+    let mut rest_b: Vec<NodeIndex> = hb
+        .iter()
+        .map(|&(n, _)| n)
+        .filter(|n| !matched_b.contains(n))
+        .collect();
     let mut removed = Vec::new();
     for n in unmatched_a {
         let na = a.node(n);
@@ -197,7 +201,12 @@ pub fn diff(a: &Graph, b: &Graph) -> Result<GraphDiff> {
         }
     }
     let wty = |w: &super::Weight| {
-        format!("{}{:?}{}", w.dtype, w.shape, if w.trainable { " trainable" } else { "" })
+        format!(
+            "{}{:?}{}",
+            w.dtype,
+            w.shape,
+            if w.trainable { " trainable" } else { "" }
+        )
     };
     for w in a.weights.iter() {
         match b.weights.get(&w.name) {
@@ -229,14 +238,25 @@ pub fn diff(a: &Graph, b: &Graph) -> Result<GraphDiff> {
             .iter()
             .map(|&n| {
                 let o = &g.node(n).outputs[0];
-                format!("{}: {}", o.name, o.ty.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "?".into()))
+                format!(
+                    "{}: {}",
+                    o.name,
+                    o.ty.as_ref()
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "?".into())
+                )
             })
             .collect();
         let outs = g
             .outputs
             .iter()
             .map(|(name, v)| {
-                format!("{name}: {}", g.value_type(*v).map(|t| t.to_string()).unwrap_or_else(|| "?".into()))
+                format!(
+                    "{name}: {}",
+                    g.value_type(*v)
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "?".into())
+                )
             })
             .collect();
         (ins, outs)
@@ -274,7 +294,10 @@ impl std::fmt::Display for GraphDiff {
             for n in nodes {
                 *h.entry(&n.op).or_insert(0) += 1;
             }
-            h.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", ")
+            h.iter()
+                .map(|(k, v)| format!("{k} ×{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         }
         if self.is_empty() {
             return writeln!(f, "graphs are equal");
@@ -316,7 +339,11 @@ impl std::fmt::Display for GraphDiff {
             writeln!(f, "  ~ {} '{}': {}", c.op, c.name, what)?;
         }
         if self.nodes_changed.len() > SHOW {
-            writeln!(f, "  … and {} more changed nodes", self.nodes_changed.len() - SHOW)?;
+            writeln!(
+                f,
+                "  … and {} more changed nodes",
+                self.nodes_changed.len() - SHOW
+            )?;
         }
         writeln!(
             f,
@@ -335,7 +362,11 @@ impl std::fmt::Display for GraphDiff {
             writeln!(f, "  - {}: {}", w.name, w.ty)?;
         }
         if self.weights_removed.len() > SHOW {
-            writeln!(f, "  … and {} more removed", self.weights_removed.len() - SHOW)?;
+            writeln!(
+                f,
+                "  … and {} more removed",
+                self.weights_removed.len() - SHOW
+            )?;
         }
         for w in self.weights_changed.iter().take(SHOW) {
             writeln!(f, "  ~ {}: {} → {}", w.name, w.before, w.after)?;

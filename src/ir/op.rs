@@ -450,16 +450,8 @@ impl Op {
                     a.push(("noop_with_empty_axes", "1".into()));
                 }
             }
-            Op::Reshape { allowzero } => {
-                if *allowzero {
-                    a.push(("allowzero", "1".into()))
-                }
-            }
-            Op::Transpose { perm } => {
-                if let Some(p) = perm {
-                    a.push(("perm", ints(p)))
-                }
-            }
+            Op::Reshape { allowzero: true } => a.push(("allowzero", "1".into())),
+            Op::Transpose { perm: Some(p) } => a.push(("perm", ints(p))),
             Op::Gather { axis } => a.push(("axis", axis.to_string())),
             Op::GatherNd { batch_dims } => a.push(("batch_dims", batch_dims.to_string())),
             Op::Unsqueeze { axes } | Op::Squeeze { axes } => {
@@ -476,10 +468,8 @@ impl Op {
                 }
             }
             Op::Cast { to } => a.push(("to", to.to_string())),
-            Op::ConstantOfShape { value } => {
-                if let Some(v) = value {
-                    a.push(("value", format!("{}{}", v.dtype, v.summary())))
-                }
+            Op::ConstantOfShape { value: Some(v) } => {
+                a.push(("value", format!("{}{}", v.dtype, v.summary())))
             }
             Op::Trilu { upper } => a.push(("upper", (*upper as u8).to_string())),
             Op::CumSum { exclusive, reverse } => {

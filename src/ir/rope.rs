@@ -104,7 +104,8 @@ pub fn inv_freq(attrs: &RopeAttrs, seq_len: usize) -> (Vec<f32>, f32) {
                 .map(|f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // transformers: ~(wavelen < high) * ~(wavelen > low)
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     if medium {
                         let smooth = (old / wavelen - lff) / (hff - lff);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
