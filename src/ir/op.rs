@@ -414,6 +414,7 @@ impl Op {
             s
         }
         let f = |x: f64| super::tensor::format_float(x);
+        let f32s = |x: f32| super::tensor::format_f32(x);
         let mut a: Vec<(&'static str, String)> = Vec::new();
         match self {
             Op::Weight { name } => a.push(("name", name.clone())),
@@ -428,8 +429,8 @@ impl Op {
                 trans_a,
                 trans_b,
             } => {
-                a.push(("alpha", f(*alpha as f64)));
-                a.push(("beta", f(*beta as f64)));
+                a.push(("alpha", f32s(*alpha)));
+                a.push(("beta", f32s(*beta)));
                 a.push(("transA", (*trans_a as u8).to_string()));
                 a.push(("transB", (*trans_b as u8).to_string()));
             }
@@ -493,7 +494,7 @@ impl Op {
                 stash_type,
             } => {
                 a.push(("axis", axis.to_string()));
-                a.push(("epsilon", f(*epsilon as f64)));
+                a.push(("epsilon", f32s(*epsilon)));
                 a.push(("stash_type", stash_type.to_string()));
             }
             Op::RotaryEmbedding {
@@ -516,10 +517,10 @@ impl Op {
                     a.push(("kv_num_heads", n.to_string()));
                 }
                 if let Some(s) = at.scale {
-                    a.push(("scale", f(s as f64)));
+                    a.push(("scale", f32s(s)));
                 }
                 if at.softcap != 0.0 {
-                    a.push(("softcap", f(at.softcap as f64)));
+                    a.push(("softcap", f32s(at.softcap)));
                 }
                 if at.qk_matmul_output_mode != 0 {
                     a.push((
@@ -531,7 +532,7 @@ impl Op {
                     a.push(("softmax_precision", p.to_string()));
                 }
             }
-            Op::RmsNorm { eps } => a.push(("eps", f(*eps as f64))),
+            Op::RmsNorm { eps } => a.push(("eps", f32s(*eps))),
             Op::Rope(r) => {
                 a.push(("heads", r.num_heads.to_string()));
                 a.push(("head_dim", r.head_dim.to_string()));
@@ -596,7 +597,7 @@ impl Op {
                 a.push(("heads", at.num_heads.to_string()));
                 a.push(("kv_heads", at.num_kv_heads.to_string()));
                 a.push(("head_dim", at.head_dim.to_string()));
-                a.push(("scale", f(at.scale as f64)));
+                a.push(("scale", f32s(at.scale)));
                 a.push((
                     "pattern",
                     match at.pattern {

@@ -136,10 +136,9 @@ pub fn print(graph: &Graph) -> Result<String> {
     for w in weights {
         let _ = writeln!(
             out,
-            "  weight @{}: {}{:?}{}",
+            "  weight @{}: {}{}",
             w.name,
-            w.dtype,
-            w.shape,
+            super::TensorType::fixed(w.dtype, &w.shape),
             if w.trainable { " trainable" } else { "" }
         );
     }

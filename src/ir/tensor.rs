@@ -243,7 +243,7 @@ impl Tensor {
         let n = self.numel();
         if n <= 8 {
             let vals: Vec<String> = match &self.data {
-                TensorData::F32(v) => v.iter().map(|x| format_float(*x as f64)).collect(),
+                TensorData::F32(v) => v.iter().map(|x| format_f32(*x)).collect(),
                 TensorData::F64(v) => v.iter().map(|x| format_float(*x)).collect(),
                 TensorData::I64(v) => v.iter().map(|x| x.to_string()).collect(),
                 TensorData::Bool(v) => v.iter().map(|x| x.to_string()).collect(),
@@ -264,6 +264,15 @@ pub fn format_float(x: f64) -> String {
     } else {
         let s = format!("{x:?}");
         s
+    }
+}
+
+/// Shortest round-trippable rendering of an f32 (`1e-5`, not its f64 widening).
+pub fn format_f32(x: f32) -> String {
+    if x.is_finite() {
+        format!("{x:?}")
+    } else {
+        format_float(x as f64)
     }
 }
 
