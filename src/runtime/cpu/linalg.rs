@@ -713,3 +713,271 @@ fn float_gemm<T: Real>(
     );
     out
 }
+
+/// Helpers shared by the kernel tests: a tiny deterministic PRNG and
+/// tolerance checks.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::ir::Tensor;
+
+    /// A 64-bit LCG; plenty for test data, no crate needed.
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn f32(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+
+        pub fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f32()).collect()
+        }
+
+        pub fn tensor(&mut self, shape: &[usize]) -> Tensor {
+            let n = shape.iter().product();
+            Tensor::f32(shape.to_vec(), self.vec(n))
+        }
+    }
+
+    /// Asserts |got - want| <= tol·(1 + |want|) elementwise (NaN matches NaN).
+    pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= tol * (1.0 + w.abs());
+            assert!(ok, "{what}: element {i}: got {g}, want {w}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{assert_close, Rng};
+    use super::*;
+
+    /// numpy matmul in f64 with plain loops.
+    fn ref_matmul(a: &[f64], ash: &[usize], b: &[f64], bsh: &[usize]) -> (Vec<f64>, Vec<usize>) {
+        let a2: Vec<usize> = if ash.len() == 1 {
+            vec![1, ash[0]]
+        } else {
+            ash.to_vec()
+        };
+        let b2: Vec<usize> = if bsh.len() == 1 {
+            vec![bsh[0], 1]
+        } else {
+            bsh.to_vec()
+        };
+        let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+        let n = b2[b2.len() - 1];
+        let batch = broadcast_shapes(&a2[..a2.len() - 2], &b2[..b2.len() - 2]).unwrap();
+        let nb: usize = batch.iter().product();
+        let index = |shape: &[usize], bi: usize| -> usize {
+            // Row-major batch offset of broadcast index bi into `shape`.
+            let mut rem = bi;
+            let mut idx = vec![0; batch.len()];
+            for d in (0..batch.len()).rev() {
+                idx[d] = rem % batch[d];
+                rem /= batch[d];
+            }
+            let mut off = 0;
+            for (d, &s) in shape.iter().enumerate() {
+                let i = idx[batch.len() - shape.len() + d];
+                off = off * s + if s == 1 { 0 } else { i };
+            }
+            off
+        };
+        let mut out = vec![0.0; nb * m * n];
+        for bi in 0..nb {
+            let ao = index(&a2[..a2.len() - 2], bi) * m * k;
+            let bo = index(&b2[..b2.len() - 2], bi) * k * n;
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = 0.0;
+                    for p in 0..k {
+                        s += a[ao + i * k + p] * b[bo + p * n + j];
+                    }
+                    out[bi * m * n + i * n + j] = s;
+                }
+            }
+        }
+        let mut shape = batch;
+        if ash.len() > 1 {
+            shape.push(m);
+        }
+        if bsh.len() > 1 {
+            shape.push(n);
+        }
+        (out, shape)
+    }
+
+    #[test]
+    fn matmul_matches_numpy_semantics() {
+        let mut rng = Rng(1);
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[3, 4], &[4, 5]),
+            (&[4], &[4, 5]),
+            (&[3, 4], &[4]),
+            (&[4], &[4]),
+            (&[2, 1, 3, 4], &[5, 4, 6]),
+            (&[2, 3, 4], &[4, 5]),
+            (&[7, 1, 4], &[1, 4, 3]),
+            (&[4], &[2, 4, 3]),
+            (&[2, 3, 4], &[4]),
+            (&[70, 130], &[130, 65]),
+            (&[3, 65, 33], &[3, 33, 129]),
+            (&[9, 5, 8], &[9, 8, 7]),
+            (&[3, 0], &[0, 4]),
+        ];
+        for (ash, bsh) in cases {
+            let a = rng.tensor(ash);
+            let b = rng.tensor(bsh);
+            let got = matmul(&a, &b).unwrap();
+            let (want, shape) = ref_matmul(&a.to_f64_vec(), ash, &b.to_f64_vec(), bsh);
+            assert_eq!(got.shape, shape, "{ash:?}·{bsh:?}");
+            assert_eq!(got.dtype, DType::F32);
+            assert_close(&got.to_f64_vec(), &want, 1e-5, &format!("{ash:?}·{bsh:?}"));
+        }
+    }
+
+    #[test]
+    fn matmul_f64_i64_and_f16() {
+        let mut rng = Rng(2);
+        let a = rng.tensor(&[2, 3, 5]);
+        let b = rng.tensor(&[5, 4]);
+        let (want, _) = ref_matmul(&a.to_f64_vec(), &a.shape, &b.to_f64_vec(), &b.shape);
+        let a64 = Tensor {
+            dtype: DType::F64,
+            shape: a.shape.clone(),
+            data: TensorData::F64(a.to_f64_vec()),
+        };
+        let b64 = Tensor {
+            dtype: DType::F64,
+            shape: b.shape.clone(),
+            data: TensorData::F64(b.to_f64_vec()),
+        };
+        let got = matmul(&a64, &b64).unwrap();
+        assert_eq!(got.dtype, DType::F64);
+        assert_close(&got.to_f64_vec(), &want, 1e-12, "f64");
+
+        let ai = Tensor::i64(vec![2, 3], vec![1, 2, 3, 4, 5, 6]);
+        let bi = Tensor::i64(vec![3, 2], vec![7, 8, 9, 10, 11, 12]);
+        let got = matmul(&ai, &bi).unwrap();
+        assert_eq!(got.as_i64().unwrap(), &[58, 64, 139, 154]);
+
+        // f16 results are rounded to f16: 1/3 accumulates to a value that is
+        // not representable in f16.
+        let mut a16 = Tensor::f32(vec![1, 3], vec![1.0, 1.0, 1.0]);
+        a16.dtype = DType::F16;
+        let mut b16 = Tensor::f32(vec![3, 1], vec![0.33325195, 0.33325195, 0.33325195]);
+        b16.dtype = DType::F16;
+        let got = matmul(&a16, &b16).unwrap();
+        assert_eq!(got.dtype, DType::F16);
+        let v = got.as_f32().unwrap()[0];
+        assert_eq!(v, half::f16::from_f32(3.0 * 0.33325195).to_f32());
+    }
+
+    #[test]
+    fn matmul_errors() {
+        let a = Tensor::f32(vec![2, 3], vec![0.0; 6]);
+        let b = Tensor::f32(vec![4, 2], vec![0.0; 8]);
+        assert!(matmul(&a, &b).unwrap_err().contains("inner dimensions"));
+        let c = Tensor::f32(vec![3, 3, 2], vec![0.0; 18]);
+        let d = Tensor::f32(vec![2, 2, 4], vec![0.0; 16]);
+        assert!(matmul(&c, &d).unwrap_err().contains("broadcast"));
+        let e = Tensor::i64(vec![3, 2], vec![0; 6]);
+        assert!(matmul(&a, &e).unwrap_err().contains("different types"));
+    }
+
+    #[test]
+    fn gemm_transposes_and_c_broadcast() {
+        let mut rng = Rng(3);
+        let (m, n, k) = (5, 7, 6);
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                let a = rng.tensor(&if trans_a { [k, m] } else { [m, k] });
+                let b = rng.tensor(&if trans_b { [n, k] } else { [k, n] });
+                let c_shapes: [Option<Vec<usize>>; 6] = [
+                    None,
+                    Some(vec![]),
+                    Some(vec![n]),
+                    Some(vec![m, 1]),
+                    Some(vec![1, n]),
+                    Some(vec![m, n]),
+                ];
+                for cs in c_shapes {
+                    let c = cs.as_ref().map(|s| rng.tensor(s));
+                    let (alpha, beta) = (0.75f32, -1.5f32);
+                    let got = gemm(&a, &b, c.as_ref(), alpha, beta, trans_a, trans_b).unwrap();
+                    assert_eq!(got.shape, vec![m, n]);
+                    let (av, bv) = (a.to_f64_vec(), b.to_f64_vec());
+                    let cv = c.as_ref().map(|c| c.to_f64_vec());
+                    let mut want = vec![0.0; m * n];
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut s = 0.0;
+                            for p in 0..k {
+                                let x = if trans_a {
+                                    av[p * m + i]
+                                } else {
+                                    av[i * k + p]
+                                };
+                                let y = if trans_b {
+                                    bv[j * k + p]
+                                } else {
+                                    bv[p * n + j]
+                                };
+                                s += x * y;
+                            }
+                            let cval = match (&cs, &cv) {
+                                (Some(s), Some(v)) => match s.as_slice() {
+                                    [] => v[0],
+                                    [_] => v[j],
+                                    [_, 1] => v[i],
+                                    [1, _] => v[j],
+                                    _ => v[i * n + j],
+                                },
+                                _ => 0.0,
+                            };
+                            want[i * n + j] = alpha as f64 * s + beta as f64 * cval;
+                        }
+                    }
+                    assert_close(
+                        &got.to_f64_vec(),
+                        &want,
+                        1e-5,
+                        &format!("transA={trans_a} transB={trans_b} C={cs:?}"),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_rejects_bad_shapes() {
+        let a = Tensor::f32(vec![2, 3], vec![0.0; 6]);
+        let b = Tensor::f32(vec![3, 4], vec![0.0; 12]);
+        let c = Tensor::f32(vec![3, 4], vec![0.0; 12]);
+        assert!(gemm(&a, &b, Some(&c), 1.0, 1.0, false, false)
+            .unwrap_err()
+            .contains("does not broadcast"));
+        assert!(gemm(&a, &b, None, 1.0, 1.0, true, false)
+            .unwrap_err()
+            .contains("inner dimensions"));
+        let v = Tensor::f32(vec![3], vec![0.0; 3]);
+        assert!(gemm(&v, &b, None, 1.0, 1.0, false, false)
+            .unwrap_err()
+            .contains("2-D"));
+    }
+
+    #[test]
+    fn gemm_i64() {
+        let a = Tensor::i64(vec![2, 2], vec![1, 2, 3, 4]);
+        let b = Tensor::i64(vec![2, 2], vec![5, 6, 7, 8]);
+        let c = Tensor::i64(vec![2], vec![1, -1]);
+        let got = gemm(&a, &b, Some(&c), 1.0, 2.0, false, true).unwrap();
+        // A·Bᵀ = [[17, 23], [39, 53]], + 2·[1, -1]
+        assert_eq!(got.as_i64().unwrap(), &[19, 21, 41, 51]);
+    }
+}
