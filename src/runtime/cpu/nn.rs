@@ -1668,3 +1668,1423 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::linalg::testutil::{assert_close, Rng};
+    use super::*;
+    use crate::ir::RopeScaling;
+
+    fn t64(shape: &[usize], v: Vec<f64>) -> Tensor {
+        Tensor {
+            dtype: DType::F64,
+            shape: shape.to_vec(),
+            data: TensorData::F64(v),
+        }
+    }
+
+    // --- softmax -----------------------------------------------------------
+
+    fn ref_softmax(x: &[f64], shape: &[usize], axis: usize, log: bool) -> Vec<f64> {
+        let len = shape[axis];
+        let inner: usize = shape[axis + 1..].iter().product();
+        let outer: usize = shape[..axis].iter().product();
+        let mut out = vec![0.0; x.len()];
+        for o in 0..outer {
+            for t in 0..inner {
+                let at = |c: usize| o * len * inner + c * inner + t;
+                let max = (0..len).map(|c| x[at(c)]).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = (0..len).map(|c| (x[at(c)] - max).exp()).sum();
+                for c in 0..len {
+                    out[at(c)] = if log {
+                        x[at(c)] - max - sum.ln()
+                    } else {
+                        (x[at(c)] - max).exp() / sum
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn softmax_matches_reference_on_every_axis() {
+        let mut rng = Rng(10);
+        for shape in [vec![3, 4, 5], vec![2, 130], vec![7]] {
+            let x = rng.tensor(&shape);
+            for axis in -(shape.len() as i64)..shape.len() as i64 {
+                for log in [false, true] {
+                    let got = softmax(&x, axis, log).unwrap();
+                    let ax = if axis < 0 {
+                        axis + shape.len() as i64
+                    } else {
+                        axis
+                    } as usize;
+                    let want = ref_softmax(&x.to_f64_vec(), &shape, ax, log);
+                    assert_close(
+                        &got.to_f64_vec(),
+                        &want,
+                        1e-6,
+                        &format!("{shape:?} axis {axis} log {log}"),
+                    );
+                }
+            }
+        }
+        let x = rng.tensor(&[4, 6]);
+        let x64 = t64(&[4, 6], x.to_f64_vec());
+        let got = softmax(&x64, 1, false).unwrap();
+        assert_eq!(got.dtype, DType::F64);
+        assert_close(
+            &got.to_f64_vec(),
+            &ref_softmax(&x.to_f64_vec(), &[4, 6], 1, false),
+            1e-14,
+            "f64",
+        );
+        assert!(softmax(&x, 2, false).unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn softmax_with_neg_infinity() {
+        let inf = f32::INFINITY;
+        let x = Tensor::f32(vec![2, 3], vec![-inf, 0.0, 1.0, -inf, -inf, -inf]);
+        let y = softmax(&x, -1, false).unwrap().to_f64_vec();
+        let (e0, e1) = (1.0f64, 1f64.exp());
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - e0 / (e0 + e1)).abs() < 1e-7);
+        assert!((y[2] - e1 / (e0 + e1)).abs() < 1e-7);
+        // A fully masked row is NaN, as in onnxruntime and torch.
+        assert!(y[3..].iter().all(|v| v.is_nan()));
+        let l = softmax(&x, -1, true).unwrap().to_f64_vec();
+        assert_eq!(l[0], f64::NEG_INFINITY);
+        assert!((l[2] - (e1 / (e0 + e1)).ln()).abs() < 1e-6);
+    }
+
+    // --- reduce ------------------------------------------------------------
+
+    fn ref_reduce(x: &[f64], shape: &[usize], axes: &[usize], op: ReduceOp) -> Vec<f64> {
+        let rank = shape.len();
+        let kept: Vec<usize> = (0..rank).filter(|d| !axes.contains(d)).collect();
+        let out_n: usize = kept.iter().map(|&d| shape[d]).product();
+        let mut groups: Vec<Vec<f64>> = vec![Vec::new(); out_n];
+        for (flat, &v) in x.iter().enumerate() {
+            let mut idx = vec![0; rank];
+            let mut rem = flat;
+            for d in (0..rank).rev() {
+                idx[d] = rem % shape[d];
+                rem /= shape[d];
+            }
+            let o = kept.iter().fold(0, |acc, &d| acc * shape[d] + idx[d]);
+            groups[o].push(v);
+        }
+        groups
+            .iter()
+            .map(|g| match op {
+                ReduceOp::Sum => g.iter().sum(),
+                ReduceOp::Mean => g.iter().sum::<f64>() / g.len() as f64,
+                ReduceOp::Max => g.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                ReduceOp::Min => g.iter().copied().fold(f64::INFINITY, f64::min),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reduce_matches_reference() {
+        let mut rng = Rng(11);
+        let shape = [2, 3, 4];
+        let x = rng.tensor(&shape);
+        let axes_cases: &[Option<&[i64]>] = &[
+            Some(&[0]),
+            Some(&[1]),
+            Some(&[2]),
+            Some(&[-1]),
+            Some(&[0, 2]),
+            Some(&[2, 0]),
+            Some(&[-2, -1]),
+            Some(&[0, 1, 2]),
+            Some(&[]),
+            None,
+        ];
+        for op in [ReduceOp::Mean, ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
+            for &axes in axes_cases {
+                for keepdims in [false, true] {
+                    let got = reduce(&x, op, axes, keepdims, false).unwrap();
+                    let norm: Vec<usize> = match axes {
+                        Some(a) if !a.is_empty() => {
+                            a.iter().map(|&v| ((v + 3) % 3) as usize).collect()
+                        }
+                        _ => vec![0, 1, 2],
+                    };
+                    let want_shape: Vec<usize> = (0..3)
+                        .filter_map(|d| {
+                            if !norm.contains(&d) {
+                                Some(shape[d])
+                            } else if keepdims {
+                                Some(1)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    let what = format!("{op:?} axes {axes:?} keepdims {keepdims}");
+                    assert_eq!(got.shape, want_shape, "{what}");
+                    let want = ref_reduce(&x.to_f64_vec(), &shape, &norm, op);
+                    assert_close(&got.to_f64_vec(), &want, 1e-6, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_noop_empty_int_and_errors() {
+        let x = Tensor::f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(reduce(&x, ReduceOp::Sum, None, true, true).unwrap(), x);
+        assert_eq!(reduce(&x, ReduceOp::Sum, Some(&[]), true, true).unwrap(), x);
+        let s = reduce(&x, ReduceOp::Sum, None, false, false).unwrap();
+        assert_eq!((s.shape.clone(), s.to_f64_vec()), (vec![], vec![10.0]));
+
+        let e = Tensor::f32(vec![2, 0], vec![]);
+        let r = |op| {
+            reduce(&e, op, Some(&[1]), false, false)
+                .unwrap()
+                .to_f64_vec()
+        };
+        assert_eq!(r(ReduceOp::Sum), vec![0.0, 0.0]);
+        assert_eq!(r(ReduceOp::Max), vec![f64::NEG_INFINITY; 2]);
+        assert_eq!(r(ReduceOp::Min), vec![f64::INFINITY; 2]);
+        assert!(r(ReduceOp::Mean).iter().all(|v| v.is_nan()));
+        let z = reduce(&e, ReduceOp::Sum, Some(&[0]), true, false).unwrap();
+        assert_eq!(z.shape, vec![1, 0]);
+
+        let i = Tensor::i64(vec![2, 3], vec![1, -2, 3, 4, 5, -7]);
+        let sum = reduce(&i, ReduceOp::Sum, Some(&[1]), false, false).unwrap();
+        assert_eq!(sum.as_i64().unwrap(), &[2, 2]);
+        let mean = reduce(&i, ReduceOp::Mean, Some(&[0]), false, false).unwrap();
+        assert_eq!(mean.as_i64().unwrap(), &[2, 1, -2]);
+        let max = reduce(&i, ReduceOp::Max, None, true, false).unwrap();
+        assert_eq!(
+            (max.shape.clone(), max.as_i64().unwrap()),
+            (vec![1, 1], &[5i64][..])
+        );
+
+        assert!(reduce(&x, ReduceOp::Sum, Some(&[1, -1]), true, false)
+            .unwrap_err()
+            .contains("twice"));
+        assert!(reduce(&x, ReduceOp::Sum, Some(&[2]), true, false)
+            .unwrap_err()
+            .contains("out of range"));
+        let nan = Tensor::f32(vec![3], vec![1.0, f32::NAN, 2.0]);
+        assert!(reduce(&nan, ReduceOp::Max, None, false, false)
+            .unwrap()
+            .to_f64_vec()[0]
+            .is_nan());
+    }
+
+    // --- RMSNormalization --------------------------------------------------
+
+    #[test]
+    fn rms_normalization_matches_reference() {
+        let mut rng = Rng(12);
+        let shape = [2, 3, 4];
+        let x = rng.tensor(&shape);
+        let xv = x.to_f64_vec();
+        let cases: &[(i64, &[usize])] = &[
+            (-1, &[4]),
+            (2, &[1, 4]),
+            (1, &[3, 4]),
+            (1, &[1, 4]),
+            (1, &[3, 1]),
+            (0, &[2, 3, 4]),
+        ];
+        for &(axis, sshape) in cases {
+            let scale = rng.tensor(sshape);
+            let sv = scale.to_f64_vec();
+            let got = rms_normalization(&x, &scale, axis, 1e-5, 1).unwrap();
+            let ax = ((axis + 3) % 3) as usize;
+            let row: usize = shape[ax..].iter().product();
+            let sstr = super::super::linalg::broadcast_strides(sshape, &shape);
+            let mut want = vec![0.0; xv.len()];
+            for (r, chunk) in xv.chunks(row).enumerate() {
+                let ms = chunk.iter().map(|v| v * v).sum::<f64>() / row as f64;
+                let inv = 1.0 / (ms + 1e-5f32 as f64).sqrt();
+                for c in 0..row {
+                    let flat = r * row + c;
+                    let idx = [flat / 12, (flat / 4) % 3, flat % 4];
+                    let so: usize = idx.iter().zip(&sstr).map(|(i, s)| i * s).sum();
+                    want[flat] = chunk[c] * inv * sv[so];
+                }
+            }
+            assert_close(
+                &got.to_f64_vec(),
+                &want,
+                1e-6,
+                &format!("axis {axis} scale {sshape:?}"),
+            );
+        }
+        let bad = rng.tensor(&[3]);
+        assert!(rms_normalization(&x, &bad, -1, 1e-5, 1)
+            .unwrap_err()
+            .contains("broadcast"));
+        assert!(rms_normalization(&x, &rng.tensor(&[4]), -1, 1e-5, 10)
+            .unwrap_err()
+            .contains("stash_type"));
+    }
+
+    // --- RotaryEmbedding ---------------------------------------------------
+
+    struct RotCase {
+        /// [b, h, s, d] when true, else [b, s, h*d].
+        four_d: bool,
+        b: usize,
+        h: usize,
+        s: usize,
+        d: usize,
+        rot: usize,
+        interleaved: bool,
+        /// (max positions, position-id batch) when position ids are used,
+        /// else the cache batch.
+        pos: Option<(usize, usize)>,
+        cache_batch: usize,
+    }
+
+    /// ONNX reference semantics (op_rotary_embedding.py), plain loops, f64.
+    fn ref_rotary(
+        c: &RotCase,
+        x: &[f64],
+        cos: &[f64],
+        sin: &[f64],
+        pos: Option<&[i64]>,
+    ) -> Vec<f64> {
+        let half = c.rot / 2;
+        let at = |b: usize, s: usize, h: usize, i: usize| {
+            if c.four_d {
+                ((b * c.h + h) * c.s + s) * c.d + i
+            } else {
+                ((b * c.s + s) * c.h + h) * c.d + i
+            }
+        };
+        let mut out = x.to_vec();
+        for b in 0..c.b {
+            for s in 0..c.s {
+                let row = match (pos, c.pos) {
+                    (Some(p), Some((_, pb))) => p[if pb == 1 { s } else { b * c.s + s }] as usize,
+                    _ => (if c.cache_batch == 1 { 0 } else { b }) * c.s + s,
+                };
+                for h in 0..c.h {
+                    for i in 0..half {
+                        let (ia, ib) = if c.interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + half)
+                        };
+                        let (x1, x2) = (x[at(b, s, h, ia)], x[at(b, s, h, ib)]);
+                        let (co, si) = (cos[row * half + i], sin[row * half + i]);
+                        out[at(b, s, h, ia)] = co * x1 - si * x2;
+                        out[at(b, s, h, ib)] = si * x1 + co * x2;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rotary_embedding_matches_reference() {
+        let mut rng = Rng(13);
+        let mut cases = Vec::new();
+        for four_d in [true, false] {
+            for interleaved in [false, true] {
+                for (rot, pos, cache_batch) in [
+                    (8, None, 2),
+                    (8, None, 1),
+                    (4, None, 2),
+                    (8, Some((16, 2)), 0),
+                    (4, Some((9, 2)), 0),
+                    (6, Some((12, 1)), 0),
+                ] {
+                    cases.push(RotCase {
+                        four_d,
+                        b: 2,
+                        h: 3,
+                        s: 5,
+                        d: 8,
+                        rot,
+                        interleaved,
+                        pos,
+                        cache_batch,
+                    });
+                }
+            }
+        }
+        for c in &cases {
+            let xshape = if c.four_d {
+                vec![c.b, c.h, c.s, c.d]
+            } else {
+                vec![c.b, c.s, c.h * c.d]
+            };
+            let x = rng.tensor(&xshape);
+            let half = c.rot / 2;
+            let cshape = match c.pos {
+                Some((max, _)) => vec![max, half],
+                None => vec![c.cache_batch, c.s, half],
+            };
+            let cos = rng.tensor(&cshape);
+            let sin = rng.tensor(&cshape);
+            let pos = c.pos.map(|(max, pb)| {
+                let ids: Vec<i64> = (0..pb * c.s).map(|i| ((i * 7 + 3) % max) as i64).collect();
+                Tensor::i64(vec![pb, c.s], ids)
+            });
+            let got = rotary_embedding(
+                &x,
+                &cos,
+                &sin,
+                pos.as_ref(),
+                c.interleaved,
+                (!c.four_d).then_some(c.h as i64),
+                if c.rot == c.d { 0 } else { c.rot as i64 },
+            )
+            .unwrap();
+            let want = ref_rotary(
+                c,
+                &x.to_f64_vec(),
+                &cos.to_f64_vec(),
+                &sin.to_f64_vec(),
+                pos.as_ref().and_then(|p| p.as_i64()),
+            );
+            let what = format!(
+                "4d {} interleaved {} rot {} pos {:?} cache batch {}",
+                c.four_d, c.interleaved, c.rot, c.pos, c.cache_batch
+            );
+            assert_eq!(got.shape, xshape, "{what}");
+            assert_close(&got.to_f64_vec(), &want, 1e-6, &what);
+        }
+    }
+
+    #[test]
+    fn rotary_embedding_errors() {
+        let x = Tensor::f32(vec![1, 2, 8], vec![0.0; 16]);
+        let c = Tensor::f32(vec![4, 4], vec![0.0; 16]);
+        let p = Tensor::i64(vec![1, 2], vec![0, 4]);
+        let e = rotary_embedding(&x, &c, &c, Some(&p), false, None, 0).unwrap_err();
+        assert!(e.contains("num_heads"), "{e}");
+        let e = rotary_embedding(&x, &c, &c, Some(&p), false, Some(1), 0).unwrap_err();
+        assert!(e.contains("position id 4"), "{e}");
+        let e = rotary_embedding(&x, &c, &c, Some(&p), false, Some(2), 0).unwrap_err();
+        assert!(e.contains("rotary_embedding_dim/2"), "{e}");
+    }
+
+    /// Expected values from onnx's reference evaluator (onnx 1.20 in
+    /// /work/pyenv), produced by:
+    ///
+    /// ```python
+    /// def vals(shape, a, b):
+    ///     n = int(np.prod(shape)); return np.sin(a*np.arange(n)+b).reshape(shape).astype(np.float32)
+    /// x = vals([2,3,12], 0.37, 0.1)
+    /// ang = 0.5*np.arange(5)[:,None]*(np.arange(2)[None,:]+1)
+    /// cos = np.cos(ang).astype(np.float32); sin = np.sin(ang).astype(np.float32)
+    /// pid = np.array([[0,2,4],[1,3,0]], dtype=np.int64)
+    /// node = helper.make_node("RotaryEmbedding", ["x","cos","sin","pid"], ["y"],
+    ///                         interleaved=1, num_heads=2, rotary_embedding_dim=4)
+    /// # one-node opset-23 model, ReferenceEvaluator(model).run(None, {...})
+    /// ```
+    #[test]
+    fn rotary_embedding_matches_onnx_reference_values() {
+        let vals = |n: usize, a: f64, b: f64| -> Vec<f32> {
+            (0..n).map(|i| (a * i as f64 + b).sin() as f32).collect()
+        };
+        let x = Tensor::f32(vec![2, 3, 12], vals(72, 0.37, 0.1));
+        let ang = |p: usize, k: usize| 0.5 * p as f64 * (k + 1) as f64;
+        let cos: Vec<f32> = (0..10).map(|i| ang(i / 2, i % 2).cos() as f32).collect();
+        let sin: Vec<f32> = (0..10).map(|i| ang(i / 2, i % 2).sin() as f32).collect();
+        let cos = Tensor::f32(vec![5, 2], cos);
+        let sin = Tensor::f32(vec![5, 2], sin);
+        let pid = Tensor::i64(vec![2, 3], vec![0, 2, 4, 1, 3, 0]);
+        let got = rotary_embedding(&x, &cos, &sin, Some(&pid), true, Some(2), 4).unwrap();
+        let want = [
+            9.98334140e-02,
+            4.52886283e-01,
+            7.44643092e-01,
+            9.35616016e-01,
+            9.99957621e-01,
+            9.28959727e-01,
+            7.32231438e-01,
+            4.36399072e-01,
+            8.15021545e-02,
+            -2.84425706e-01,
+            -6.11857891e-01,
+            -8.56477976e-01,
+            2.92800784e-01,
+            -1.35878563e+00,
+            8.88935387e-01,
+            -5.20467877e-01,
+            -2.60157496e-01,
+            1.06611691e-01,
+            -3.82435918e-01,
+            7.90974975e-01,
+            -1.29952645e+00,
+            4.36827481e-01,
+            9.26415503e-01,
+            7.27573276e-01,
+            -2.46982336e-01,
+            3.60142410e-01,
+            -2.76945025e-01,
+            6.23644412e-01,
+            -8.59975696e-01,
+            -9.86323893e-01,
+            1.17084098e+00,
+            -5.41006625e-01,
+            1.91267759e-01,
+            6.09389186e-01,
+            1.13385022e-01,
+            4.64995384e-01,
+            2.10585147e-01,
+            1.18655539e+00,
+            -2.37213194e-01,
+            1.34039807e+00,
+            7.22881377e-01,
+            4.24095839e-01,
+            2.02209964e-01,
+            -2.28492156e-01,
+            3.90172213e-01,
+            -9.90399003e-01,
+            -9.87424135e-01,
+            -9.77771580e-01,
+            5.20098209e-01,
+            -8.74763846e-01,
+            2.27546066e-01,
+            -1.53803557e-01,
+            4.71017659e-01,
+            7.58132219e-01,
+            -9.30377126e-01,
+            1.01098192e+00,
+            -1.01332545e+00,
+            -5.80969453e-01,
+            4.17914540e-01,
+            6.11104742e-02,
+            -3.03964615e-01,
+            -6.27899528e-01,
+            -8.66851151e-01,
+            -9.88478541e-01,
+            -9.76320028e-01,
+            -8.32021177e-01,
+            -5.75112164e-01,
+            -2.40364388e-01,
+            1.26915559e-01,
+            4.77018088e-01,
+            7.62558460e-01,
+            9.44890082e-01,
+        ];
+        assert_close(&got.to_f64_vec(), &want, 1e-6, "onnx reference");
+    }
+
+    // --- ONNX Attention ----------------------------------------------------
+
+    /// Plain attention on [b, h, s, d] arrays in f64: scaled scores,
+    /// softcap, additive bias, softmax, fully masked rows → 0.
+    #[allow(clippy::too_many_arguments)]
+    fn ref_attention(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        (b, hq, hkv, sq, skv, d, dv): (usize, usize, usize, usize, usize, usize, usize),
+        scale: f64,
+        softcap: f64,
+        bias: &dyn Fn(usize, usize, usize, usize) -> f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0.0; b * hq * sq * dv];
+        let group = hq / hkv;
+        for bi in 0..b {
+            for h in 0..hq {
+                let kh = h / group;
+                for i in 0..sq {
+                    let mut s = vec![0.0; skv];
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        let mut dot = 0.0;
+                        for c in 0..d {
+                            dot += q[((bi * hq + h) * sq + i) * d + c]
+                                * k[((bi * hkv + kh) * skv + j) * d + c];
+                        }
+                        let mut x = dot * scale;
+                        if softcap > 0.0 {
+                            x = softcap * (x / softcap).tanh();
+                        }
+                        *sj = x + bias(bi, h, i, j);
+                    }
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    if max == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let w: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = w.iter().sum();
+                    for c in 0..dv {
+                        let mut acc = 0.0;
+                        for j in 0..skv {
+                            acc += w[j] * v[((bi * hkv + kh) * skv + j) * dv + c];
+                        }
+                        out[((bi * hq + h) * sq + i) * dv + c] = acc / sum;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// [b, s, h*d] → [b, h, s, d].
+    fn to_bhsd(x: &[f64], b: usize, s: usize, h: usize, d: usize) -> Vec<f64> {
+        let mut out = vec![0.0; x.len()];
+        for bi in 0..b {
+            for si in 0..s {
+                for hi in 0..h {
+                    for c in 0..d {
+                        out[((bi * h + hi) * s + si) * d + c] = x[((bi * s + si) * h + hi) * d + c];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn to_bshd(x: &[f64], b: usize, h: usize, s: usize, d: usize) -> Vec<f64> {
+        let mut out = vec![0.0; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    for c in 0..d {
+                        out[((bi * s + si) * h + hi) * d + c] = x[((bi * h + hi) * s + si) * d + c];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum MaskKind {
+        None,
+        /// Bool mask of rank 2 [q, total].
+        Bool2,
+        /// Float mask [b, 1, q, total - 1] (shorter: last key padded masked).
+        FloatShort4,
+        /// Bool mask [hq, q, total] (rank 3: heads, not batch).
+        Bool3,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    struct AttnCase {
+        three_d: bool,
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        sq: usize,
+        past: usize,
+        skv: usize,
+        d: usize,
+        dv: usize,
+        causal: bool,
+        mask: MaskKind,
+        softcap: f32,
+        scale: Option<f32>,
+    }
+
+    fn run_attn_case(c: AttnCase, rng: &mut Rng) {
+        let total = c.past + c.skv;
+        let qb = rng.vec(c.b * c.hq * c.sq * c.d);
+        let kb = rng.vec(c.b * c.hkv * c.skv * c.d);
+        let vb = rng.vec(c.b * c.hkv * c.skv * c.dv);
+        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let (q, k, v) = if c.three_d {
+            (
+                Tensor::f32(
+                    vec![c.b, c.sq, c.hq * c.d],
+                    to_bshd(&to64(&qb), c.b, c.hq, c.sq, c.d)
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect(),
+                ),
+                Tensor::f32(
+                    vec![c.b, c.skv, c.hkv * c.d],
+                    to_bshd(&to64(&kb), c.b, c.hkv, c.skv, c.d)
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect(),
+                ),
+                Tensor::f32(
+                    vec![c.b, c.skv, c.hkv * c.dv],
+                    to_bshd(&to64(&vb), c.b, c.hkv, c.skv, c.dv)
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect(),
+                ),
+            )
+        } else {
+            (
+                Tensor::f32(vec![c.b, c.hq, c.sq, c.d], qb.clone()),
+                Tensor::f32(vec![c.b, c.hkv, c.skv, c.d], kb.clone()),
+                Tensor::f32(vec![c.b, c.hkv, c.skv, c.dv], vb.clone()),
+            )
+        };
+        let (pk, pv) = if c.past > 0 {
+            (
+                Some(rng.tensor(&[c.b, c.hkv, c.past, c.d])),
+                Some(rng.tensor(&[c.b, c.hkv, c.past, c.dv])),
+            )
+        } else {
+            (None, None)
+        };
+        let mask = match c.mask {
+            MaskKind::None => None,
+            MaskKind::Bool2 => {
+                // Keep key 0 visible so that no row is fully masked by the
+                // mask alone, except row 1 which masks everything.
+                let m: Vec<bool> = (0..c.sq * total)
+                    .map(|i| {
+                        let (r, j) = (i / total, i % total);
+                        r != 1 && (j == 0 || (i * 5 + 3) % 7 > 2)
+                    })
+                    .collect();
+                Some(Tensor::bool(vec![c.sq, total], m))
+            }
+            MaskKind::FloatShort4 => Some(rng.tensor(&[c.b, 1, c.sq, total - 1])),
+            MaskKind::Bool3 => {
+                let m: Vec<bool> = (0..c.hq * c.sq * total)
+                    .map(|i| (i * 3 + 1) % 5 > 0)
+                    .collect();
+                Some(Tensor::bool(vec![c.hq, c.sq, total], m))
+            }
+        };
+        let attrs = OnnxAttentionAttrs {
+            is_causal: c.causal,
+            kv_num_heads: c.three_d.then_some(c.hkv as i64),
+            q_num_heads: c.three_d.then_some(c.hq as i64),
+            scale: c.scale,
+            softcap: c.softcap,
+            qk_matmul_output_mode: 0,
+            softmax_precision: None,
+        };
+        let outs = onnx_attention(&q, &k, &v, mask.as_ref(), pk.as_ref(), pv.as_ref(), &attrs)
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        // Reference: present = past ++ new (in [b, h, s, d]).
+        let cat = |past: &Option<Tensor>, new: &[f64], dim: usize| {
+            let mut out = Vec::new();
+            for bi in 0..c.b {
+                for h in 0..c.hkv {
+                    if let Some(p) = past {
+                        let pv = p.to_f64_vec();
+                        let o = (bi * c.hkv + h) * c.past * dim;
+                        out.extend_from_slice(&pv[o..o + c.past * dim]);
+                    }
+                    let o = (bi * c.hkv + h) * c.skv * dim;
+                    out.extend_from_slice(&new[o..o + c.skv * dim]);
+                }
+            }
+            out
+        };
+        let pk_want = cat(&pk, &to64(&kb), c.d);
+        let pv_want = cat(&pv, &to64(&vb), c.dv);
+        let maskv = mask.as_ref().map(|m| m.to_f64_vec());
+        let bias = |bi: usize, h: usize, i: usize, j: usize| -> f64 {
+            let mut x = 0.0;
+            if c.causal && j > i + c.past {
+                x = f64::NEG_INFINITY;
+            }
+            let m = match (&maskv, c.mask) {
+                (Some(m), MaskKind::Bool2) => {
+                    if m[i * total + j] != 0.0 {
+                        0.0
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                }
+                (Some(m), MaskKind::Bool3) => {
+                    if m[(h * c.sq + i) * total + j] != 0.0 {
+                        0.0
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                }
+                (Some(m), MaskKind::FloatShort4) => {
+                    if j < total - 1 {
+                        m[(bi * c.sq + i) * (total - 1) + j]
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                }
+                _ => 0.0,
+            };
+            x + m
+        };
+        let scale = c
+            .scale
+            .map(|s| s as f64)
+            .unwrap_or(1.0 / (c.d as f64).sqrt());
+        let y_bhsd = ref_attention(
+            &to64(&qb),
+            &pk_want,
+            &pv_want,
+            (c.b, c.hq, c.hkv, c.sq, total, c.d, c.dv),
+            scale,
+            c.softcap as f64,
+            &bias,
+        );
+        let (y_want, y_shape) = if c.three_d {
+            (
+                to_bshd(&y_bhsd, c.b, c.hq, c.sq, c.dv),
+                vec![c.b, c.sq, c.hq * c.dv],
+            )
+        } else {
+            (y_bhsd, vec![c.b, c.hq, c.sq, c.dv])
+        };
+        let what = format!("{c:?}");
+        assert_eq!(outs.len(), 3);
+        assert_eq!(outs[0].shape, y_shape, "{what}");
+        assert_close(&outs[0].to_f64_vec(), &y_want, 2e-5, &what);
+        assert_eq!(outs[1].shape, vec![c.b, c.hkv, total, c.d], "{what}");
+        assert_close(&outs[1].to_f64_vec(), &pk_want, 0.0, &what);
+        assert_close(&outs[2].to_f64_vec(), &pv_want, 0.0, &what);
+    }
+
+    #[test]
+    fn onnx_attention_matches_reference() {
+        let mut rng = Rng(14);
+        let base = AttnCase {
+            three_d: false,
+            b: 2,
+            hq: 4,
+            hkv: 2,
+            sq: 7,
+            past: 0,
+            skv: 7,
+            d: 8,
+            dv: 8,
+            causal: false,
+            mask: MaskKind::None,
+            softcap: 0.0,
+            scale: None,
+        };
+        let cases = [
+            base,
+            AttnCase {
+                causal: true,
+                ..base
+            },
+            AttnCase {
+                three_d: true,
+                causal: true,
+                ..base
+            },
+            AttnCase {
+                mask: MaskKind::Bool2,
+                ..base
+            },
+            AttnCase {
+                mask: MaskKind::Bool2,
+                causal: true,
+                past: 3,
+                ..base
+            },
+            AttnCase {
+                mask: MaskKind::FloatShort4,
+                three_d: true,
+                ..base
+            },
+            AttnCase {
+                mask: MaskKind::FloatShort4,
+                causal: true,
+                past: 2,
+                skv: 5,
+                sq: 5,
+                ..base
+            },
+            AttnCase {
+                mask: MaskKind::Bool3,
+                hkv: 1,
+                ..base
+            },
+            AttnCase {
+                softcap: 1.5,
+                scale: Some(0.3),
+                ..base
+            },
+            AttnCase {
+                dv: 5,
+                three_d: true,
+                past: 4,
+                ..base
+            },
+            AttnCase {
+                sq: 1,
+                skv: 1,
+                past: 9,
+                causal: true,
+                three_d: true,
+                ..base
+            },
+            AttnCase {
+                sq: 65,
+                skv: 65,
+                causal: true,
+                b: 1,
+                hq: 2,
+                hkv: 1,
+                ..base
+            },
+            AttnCase {
+                sq: 130,
+                skv: 130,
+                causal: true,
+                b: 1,
+                hq: 2,
+                hkv: 2,
+                d: 4,
+                dv: 4,
+                ..base
+            },
+            AttnCase {
+                sq: 130,
+                skv: 70,
+                past: 60,
+                causal: true,
+                b: 1,
+                hq: 2,
+                hkv: 1,
+                mask: MaskKind::Bool2,
+                ..base
+            },
+            AttnCase {
+                sq: 7,
+                skv: 130,
+                causal: false,
+                b: 1,
+                mask: MaskKind::FloatShort4,
+                ..base
+            },
+            // More queries than keys without a past: top-left causal.
+            AttnCase {
+                sq: 9,
+                skv: 4,
+                causal: true,
+                b: 1,
+                ..base
+            },
+        ];
+        for c in cases {
+            run_attn_case(c, &mut rng);
+        }
+    }
+
+    /// Expected values from onnx's reference evaluator (onnx 1.20 in
+    /// /work/pyenv), produced by (`vals` as in the rotary test, one-node
+    /// opset-23 models run with `ReferenceEvaluator`):
+    ///
+    /// ```python
+    /// # A: 4-D, GQA 4/2, past 1, bool mask [q, total], not causal
+    /// q=vals([1,4,2,3],0.31,0.2); k=vals([1,2,2,3],0.53,0.3); v=vals([1,2,2,3],0.71,0.4)
+    /// pk=vals([1,2,1,3],0.23,0.5); pv=vals([1,2,1,3],0.43,0.6)
+    /// mask=np.array([[True,False,True],[True,True,True]])
+    /// make_node("Attention",["q","k","v","m","pk","pv"],["y","presk","presv"])
+    /// # B: 3-D, heads 2/1, past 2, causal, softcap 2, scale 0.7,
+    /// #    float mask [3, 4] (one key shorter than total 5)
+    /// q=vals([1,3,4],0.29,0.1); k=vals([1,3,2],0.47,0.2); v=vals([1,3,2],0.61,0.3)
+    /// pk=vals([1,1,2,2],0.19,0.4); pv=vals([1,1,2,2],0.37,0.5); fm=vals([3,4],0.9,0.7)
+    /// make_node("Attention",[...],[...],is_causal=1,q_num_heads=2,kv_num_heads=1,softcap=2.0,scale=0.7)
+    /// ```
+    #[test]
+    fn onnx_attention_matches_onnx_reference_values() {
+        let vals = |shape: &[usize], a: f64, b: f64| {
+            let n: usize = shape.iter().product();
+            Tensor::f32(
+                shape.to_vec(),
+                (0..n).map(|i| (a * i as f64 + b).sin() as f32).collect(),
+            )
+        };
+        let attrs = OnnxAttentionAttrs {
+            is_causal: false,
+            kv_num_heads: None,
+            q_num_heads: None,
+            scale: None,
+            softcap: 0.0,
+            qk_matmul_output_mode: 0,
+            softmax_precision: None,
+        };
+        let mask = Tensor::bool(vec![2, 3], vec![true, false, true, true, true, true]);
+        let out = onnx_attention(
+            &vals(&[1, 4, 2, 3], 0.31, 0.2),
+            &vals(&[1, 2, 2, 3], 0.53, 0.3),
+            &vals(&[1, 2, 2, 3], 0.71, 0.4),
+            Some(&mask),
+            Some(&vals(&[1, 2, 1, 3], 0.23, 0.5)),
+            Some(&vals(&[1, 2, 1, 3], 0.43, 0.6)),
+            &attrs,
+        )
+        .unwrap();
+        let y_a = [
+            5.68901122e-01,
+            4.30281788e-01,
+            2.26546451e-01,
+            5.05548239e-01,
+            5.79939604e-01,
+            4.62298274e-01,
+            5.69586754e-01,
+            3.61534566e-01,
+            1.03012152e-01,
+            5.16420662e-01,
+            4.98049051e-01,
+            3.20538878e-01,
+            5.30111313e-01,
+            9.18173552e-01,
+            8.83755386e-01,
+            -2.31298164e-01,
+            7.12561980e-02,
+            3.48685920e-01,
+            6.47569776e-01,
+            8.66094887e-01,
+            7.43128657e-01,
+            6.78772867e-01,
+            6.02629840e-01,
+            4.00893182e-01,
+        ];
+        let pk_a = [
+            4.79425550e-01,
+            6.66869640e-01,
+            8.19191575e-01,
+            2.95520216e-01,
+            7.37931371e-01,
+            9.77864623e-01,
+            9.49485600e-01,
+            6.60581172e-01,
+            1.90422654e-01,
+            9.28368986e-01,
+            9.88651752e-01,
+            9.96865034e-01,
+            -3.31985176e-01,
+            -7.63300955e-01,
+            -9.85177755e-01,
+            -9.36735749e-01,
+            -6.31266654e-01,
+            -1.52586907e-01,
+        ];
+        let pv_a = [
+            5.64642489e-01,
+            8.57298970e-01,
+            9.93868351e-01,
+            3.89418334e-01,
+            8.95698667e-01,
+            9.69109118e-01,
+            5.74172139e-01,
+            -9.82485935e-02,
+            -7.23188102e-01,
+            9.49485600e-01,
+            7.32231438e-01,
+            3.81660998e-01,
+            -9.98628020e-01,
+            -7.91454673e-01,
+            -2.01790124e-01,
+            4.85394806e-01,
+            9.37999964e-01,
+            9.37292039e-01,
+        ];
+        assert_eq!(out[0].shape, vec![1, 4, 2, 3]);
+        assert_close(&out[0].to_f64_vec(), &y_a, 1e-6, "A: Y");
+        assert_close(&out[1].to_f64_vec(), &pk_a, 1e-7, "A: present_key");
+        assert_close(&out[2].to_f64_vec(), &pv_a, 1e-7, "A: present_value");
+
+        let attrs = OnnxAttentionAttrs {
+            is_causal: true,
+            kv_num_heads: Some(1),
+            q_num_heads: Some(2),
+            scale: Some(0.7),
+            softcap: 2.0,
+            ..attrs
+        };
+        let out = onnx_attention(
+            &vals(&[1, 3, 4], 0.29, 0.1),
+            &vals(&[1, 3, 2], 0.47, 0.2),
+            &vals(&[1, 3, 2], 0.61, 0.3),
+            Some(&vals(&[3, 4], 0.9, 0.7)),
+            Some(&vals(&[1, 1, 2, 2], 0.19, 0.4)),
+            Some(&vals(&[1, 1, 2, 2], 0.37, 0.5)),
+            &attrs,
+        )
+        .unwrap();
+        let y_b = [
+            6.36451423e-01,
+            8.75484645e-01,
+            6.64674759e-01,
+            8.86174798e-01,
+            8.42076540e-01,
+            8.49492311e-01,
+            8.40926647e-01,
+            8.49365294e-01,
+            6.71976268e-01,
+            8.58732104e-01,
+            6.40356958e-01,
+            8.48269999e-01,
+        ];
+        let pk_b = [
+            3.89418334e-01,
+            5.56361020e-01,
+            7.03279436e-01,
+            8.24885726e-01,
+            1.98669329e-01,
+            6.20985985e-01,
+            9.08633471e-01,
+            9.99231637e-01,
+            8.73133004e-01,
+            5.57683706e-01,
+        ];
+        assert_eq!(out[0].shape, vec![1, 3, 4]);
+        assert_close(&out[0].to_f64_vec(), &y_b, 1e-6, "B: Y");
+        assert_close(&out[1].to_f64_vec(), &pk_b, 1e-7, "B: present_key");
+    }
+
+    #[test]
+    fn onnx_attention_errors() {
+        let q = Tensor::f32(vec![1, 2, 3, 4], vec![0.0; 24]);
+        let k3 = Tensor::f32(vec![1, 3, 3, 4], vec![0.0; 36]);
+        let mut attrs = OnnxAttentionAttrs {
+            is_causal: false,
+            kv_num_heads: None,
+            q_num_heads: None,
+            scale: None,
+            softcap: 0.0,
+            qk_matmul_output_mode: 0,
+            softmax_precision: None,
+        };
+        let e = onnx_attention(&q, &k3, &k3, None, None, None, &attrs).unwrap_err();
+        assert!(e.contains("multiple of kv heads"), "{e}");
+        let q3 = Tensor::f32(vec![1, 3, 8], vec![0.0; 24]);
+        let e = onnx_attention(&q3, &q3, &q3, None, None, None, &attrs).unwrap_err();
+        assert!(e.contains("q_num_heads"), "{e}");
+        attrs.qk_matmul_output_mode = 1;
+        let e = onnx_attention(&q, &q, &q, None, None, None, &attrs).unwrap_err();
+        assert!(e.contains("qk_matmul_output_mode"), "{e}");
+        attrs.qk_matmul_output_mode = 0;
+        let m = Tensor::bool(vec![3, 4], vec![true; 12]);
+        let e = onnx_attention(&q, &q, &q, Some(&m), None, None, &attrs).unwrap_err();
+        assert!(e.contains("attn_mask"), "{e}");
+    }
+
+    // --- LLaMA-level ops ---------------------------------------------------
+
+    #[test]
+    fn embedding_gathers_rows_and_rejects_bad_ids() {
+        let w = Tensor::f32(vec![3, 2], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let mut ids = Tensor::i64(vec![2, 2], vec![2, 0, 1, 2]);
+        ids.dtype = DType::I32;
+        let e = embedding(&w, &ids).unwrap();
+        assert_eq!(e.shape, vec![2, 2, 2]);
+        assert_eq!(
+            e.as_f32().unwrap(),
+            &[4.0, 5.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        );
+        let bad = Tensor::i64(vec![1, 2], vec![1, 3]);
+        let msg = embedding(&w, &bad).unwrap_err();
+        assert!(
+            msg.contains("token id 3") && msg.contains("size 3"),
+            "{msg}"
+        );
+        let neg = Tensor::i64(vec![1], vec![-1]);
+        assert!(embedding(&w, &neg).unwrap_err().contains("token id -1"));
+        let fl = Tensor::f32(vec![1], vec![0.0]);
+        assert!(embedding(&w, &fl).unwrap_err().contains("integers"));
+    }
+
+    #[test]
+    fn rms_norm_matches_reference() {
+        let mut rng = Rng(15);
+        for shape in [vec![2, 7, 16], vec![1, 130, 8], vec![5]] {
+            let h = *shape.last().unwrap();
+            let x = rng.tensor(&shape);
+            let w = rng.tensor(&[h]);
+            let got = rms_norm(&x, &w, 1e-6).unwrap();
+            let (xv, wv) = (x.to_f64_vec(), w.to_f64_vec());
+            let mut want = vec![0.0; xv.len()];
+            for (r, row) in xv.chunks(h).enumerate() {
+                let ms = row.iter().map(|v| v * v).sum::<f64>() / h as f64;
+                let inv = 1.0 / (ms + 1e-6f32 as f64).sqrt();
+                for c in 0..h {
+                    want[r * h + c] = wv[c] * row[c] * inv;
+                }
+            }
+            assert_close(&got.to_f64_vec(), &want, 1e-6, &format!("{shape:?}"));
+        }
+        // bf16: the normalised value is rounded to bf16 before the weight
+        // multiplies it, and the product is rounded again (transformers).
+        let mut x = Tensor::f32(vec![1, 2], vec![1.0, 3.0]);
+        x.dtype = DType::BF16;
+        let mut w = Tensor::f32(vec![2], vec![1.0, 1.0]);
+        w.dtype = DType::BF16;
+        let got = rms_norm(&x, &w, 0.0).unwrap();
+        assert_eq!(got.dtype, DType::BF16);
+        let inv = 1.0 / (5.0f32).sqrt();
+        let want: Vec<f32> = [1.0f32, 3.0]
+            .iter()
+            .map(|&v| half::bf16::from_f32(v * inv).to_f32())
+            .collect();
+        assert_eq!(got.as_f32().unwrap(), want.as_slice());
+        assert!(rms_norm(&x, &rng.tensor(&[3]), 1e-6)
+            .unwrap_err()
+            .contains("hidden size"));
+    }
+
+    fn rope_attrs(heads: usize, hd: usize, rd: usize, scaling: RopeScaling) -> RopeAttrs {
+        RopeAttrs {
+            num_heads: heads,
+            head_dim: hd,
+            rotary_dim: rd,
+            theta: 10000.0,
+            scaling,
+        }
+    }
+
+    /// transformers' rotate-half RoPE in f64 with the given per-position
+    /// tables ([n, rd], cat(freqs, freqs) layout).
+    fn ref_rope(
+        x: &[f64],
+        (b, s, heads, hd, rd): (usize, usize, usize, usize, usize),
+        table_row: &dyn Fn(usize, usize) -> usize,
+        cos: &[f64],
+        sin: &[f64],
+    ) -> Vec<f64> {
+        let half = rd / 2;
+        let mut out = x.to_vec();
+        for bi in 0..b {
+            for si in 0..s {
+                let p = table_row(bi, si);
+                for h in 0..heads {
+                    let base = ((bi * s + si) * heads + h) * hd;
+                    for c in 0..rd {
+                        let rot = if c < half {
+                            -x[base + c + half]
+                        } else {
+                            x[base + c - half]
+                        };
+                        out[base + c] = x[base + c] * cos[p * rd + c] + rot * sin[p * rd + c];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rope_matches_transformers_formula() {
+        let mut rng = Rng(16);
+        let (b, s, heads, hd) = (2, 7, 3, 8);
+        for rd in [8, 4] {
+            let attrs = rope_attrs(heads, hd, rd, RopeScaling::None);
+            let x = rng.tensor(&[b, s, heads * hd]);
+            let pos_bs: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 5) % 23).collect();
+            let cases: Vec<(Option<Tensor>, Vec<i64>, bool)> = vec![
+                (None, (0..s as i64).collect(), false),
+                (
+                    Some(Tensor::i64(vec![s], (3..3 + s as i64).collect())),
+                    (3..3 + s as i64).collect(),
+                    false,
+                ),
+                (
+                    Some(Tensor::i64(vec![b, s], pos_bs.clone())),
+                    pos_bs.clone(),
+                    true,
+                ),
+                (
+                    Some(Tensor::i64(vec![1, s], pos_bs[..s].to_vec())),
+                    pos_bs[..s].to_vec(),
+                    false,
+                ),
+            ];
+            for (pt, positions, per_batch) in cases {
+                let got = rope(&x, pt.as_ref(), &attrs).unwrap();
+                // Tables straight from the frequencies, in f64.
+                let half = rd / 2;
+                let mut cos = vec![0.0; positions.len() * rd];
+                let mut sin = vec![0.0; positions.len() * rd];
+                for (p, &pos) in positions.iter().enumerate() {
+                    for i in 0..half {
+                        let inv = 1.0 / 10000f64.powf((2 * i) as f64 / rd as f64);
+                        let a = pos as f64 * inv;
+                        for c in [i, i + half] {
+                            cos[p * rd + c] = a.cos();
+                            sin[p * rd + c] = a.sin();
+                        }
+                    }
+                }
+                let row = |bi: usize, si: usize| if per_batch { bi * s + si } else { si };
+                let want = ref_rope(&x.to_f64_vec(), (b, s, heads, hd, rd), &row, &cos, &sin);
+                // f32 angles at positions up to 22: ~1e-5 absolute.
+                assert_close(
+                    &got.to_f64_vec(),
+                    &want,
+                    2e-5,
+                    &format!("rd {rd} positions {positions:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rope_uses_max_position_for_dynamic_scaling() {
+        let mut rng = Rng(17);
+        let (b, s, heads, hd) = (1, 5, 2, 8);
+        let scaling = RopeScaling::Dynamic {
+            factor: 2.0,
+            original_max_position_embeddings: 8,
+        };
+        let attrs = rope_attrs(heads, hd, hd, scaling);
+        let x = rng.tensor(&[b, s, heads * hd]);
+        let positions: Vec<i64> = vec![0, 4, 9, 12, 3];
+        let pt = Tensor::i64(vec![1, s], positions.clone());
+        let got = rope(&x, Some(&pt), &attrs).unwrap();
+        let (cos, sin) = crate::ir::rope::cos_sin(&attrs, &positions, 13);
+        let to64 = |v: Vec<f32>| v.into_iter().map(|x| x as f64).collect::<Vec<f64>>();
+        let want = ref_rope(
+            &x.to_f64_vec(),
+            (b, s, heads, hd, hd),
+            &|_, si| si,
+            &to64(cos),
+            &to64(sin),
+        );
+        assert_close(&got.to_f64_vec(), &want, 1e-6, "dynamic");
+        // Not what the unscaled tables would give.
+        let (c0, s0) = crate::ir::rope::cos_sin(&attrs, &positions, 8);
+        let plain = ref_rope(
+            &x.to_f64_vec(),
+            (b, s, heads, hd, hd),
+            &|_, si| si,
+            &to64(c0),
+            &to64(s0),
+        );
+        assert!(got
+            .to_f64_vec()
+            .iter()
+            .zip(&plain)
+            .any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+
+    fn ref_llama_attention(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        (b, sq, skv, heads, kvh, hd): (usize, usize, usize, usize, usize, usize),
+        scale: f64,
+    ) -> Vec<f64> {
+        let off = skv - sq;
+        let y = ref_attention(
+            &to_bhsd(q, b, sq, heads, hd),
+            &to_bhsd(k, b, skv, kvh, hd),
+            &to_bhsd(v, b, skv, kvh, hd),
+            (b, heads, kvh, sq, skv, hd, hd),
+            scale,
+            0.0,
+            &|_, _, i, j| if j > i + off { f64::NEG_INFINITY } else { 0.0 },
+        );
+        to_bshd(&y, b, heads, sq, hd)
+    }
+
+    #[test]
+    fn attention_is_causal_gqa_flash() {
+        let mut rng = Rng(18);
+        let cases = [
+            (1, 1, 1, 2, 2, 4),
+            (2, 7, 7, 4, 2, 8),
+            (1, 65, 65, 4, 1, 16),
+            (2, 130, 130, 2, 2, 8),
+            (1, 3, 67, 4, 2, 8),
+            (1, 64, 64, 2, 1, 32),
+        ];
+        for (b, sq, skv, heads, kvh, hd) in cases {
+            let q = rng.tensor(&[b, sq, heads * hd]);
+            let k = rng.tensor(&[b, skv, kvh * hd]);
+            let v = rng.tensor(&[b, skv, kvh * hd]);
+            let attrs = AttentionAttrs {
+                num_heads: heads,
+                num_kv_heads: kvh,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                pattern: AttentionPattern::FullCausal,
+            };
+            let got = attention(&q, &k, &v, &attrs).unwrap();
+            let want = ref_llama_attention(
+                &q.to_f64_vec(),
+                &k.to_f64_vec(),
+                &v.to_f64_vec(),
+                (b, sq, skv, heads, kvh, hd),
+                attrs.scale as f64,
+            );
+            assert_eq!(got.shape, q.shape);
+            assert_close(
+                &got.to_f64_vec(),
+                &want,
+                1e-5,
+                &format!("b {b} sq {sq} skv {skv} heads {heads}/{kvh} hd {hd}"),
+            );
+            // Same bits on a second run: no scheduling-dependent sums.
+            assert_eq!(attention(&q, &k, &v, &attrs).unwrap(), got);
+        }
+        let q = rng.tensor(&[1, 2, 8]);
+        let attrs = AttentionAttrs {
+            num_heads: 3,
+            num_kv_heads: 2,
+            head_dim: 4,
+            scale: 0.5,
+            pattern: AttentionPattern::FullCausal,
+        };
+        assert!(attention(&q, &q, &q, &attrs)
+            .unwrap_err()
+            .contains("multiple"));
+    }
+
+    #[test]
+    fn linear_matches_reference() {
+        let mut rng = Rng(19);
+        for (xs, out_f, with_bias) in [
+            (vec![2, 3, 5], 7, true),
+            (vec![4, 5], 3, false),
+            (vec![130, 70], 65, true),
+            (vec![1, 1, 16], 1, false),
+        ] {
+            let in_f = *xs.last().unwrap();
+            let x = rng.tensor(&xs);
+            let w = rng.tensor(&[out_f, in_f]);
+            let bias = with_bias.then(|| rng.tensor(&[out_f]));
+            let got = linear(&x, &w, bias.as_ref()).unwrap();
+            let (xv, wv) = (x.to_f64_vec(), w.to_f64_vec());
+            let bv = bias.as_ref().map(|b| b.to_f64_vec());
+            let rows = xv.len() / in_f;
+            let mut want = vec![0.0; rows * out_f];
+            for r in 0..rows {
+                for o in 0..out_f {
+                    let mut s = bv.as_ref().map_or(0.0, |b| b[o]);
+                    for i in 0..in_f {
+                        s += xv[r * in_f + i] * wv[o * in_f + i];
+                    }
+                    want[r * out_f + o] = s;
+                }
+            }
+            let mut shape = xs.clone();
+            *shape.last_mut().unwrap() = out_f;
+            assert_eq!(got.shape, shape);
+            assert_close(&got.to_f64_vec(), &want, 1e-5, &format!("{xs:?} → {out_f}"));
+        }
+        let x = rng.tensor(&[2, 4]);
+        let w = rng.tensor(&[3, 5]);
+        assert!(linear(&x, &w, None).unwrap_err().contains("in-features"));
+    }
+
+    #[test]
+    fn swiglu_matches_reference() {
+        let mut rng = Rng(20);
+        let g = rng.tensor(&[3, 11]);
+        let u = rng.tensor(&[3, 11]);
+        let got = swiglu(&g, &u).unwrap();
+        let want: Vec<f64> = g
+            .to_f64_vec()
+            .iter()
+            .zip(u.to_f64_vec())
+            .map(|(&a, b)| a / (1.0 + (-a).exp()) * b)
+            .collect();
+        assert_close(&got.to_f64_vec(), &want, 1e-6, "swiglu");
+        assert!(swiglu(&g, &rng.tensor(&[11, 3]))
+            .unwrap_err()
+            .contains("same shape"));
+    }
+}
