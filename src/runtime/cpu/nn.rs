@@ -192,7 +192,19 @@ pub fn reduce(
         }
         TensorData::F64(v) => TensorData::F64(reduce_float(v, op, &plan)),
         TensorData::I64(v) => TensorData::I64(reduce_int(v, op, &plan, x.dtype)),
-        TensorData::Bool(_) => return Err(format!("{name} does not take bool inputs")),
+        TensorData::Bool(v) => {
+            // Opset 20+: Max is "any", Min is "all" (empty: false / true).
+            let (init, max) = match op {
+                ReduceOp::Max => (false, true),
+                ReduceOp::Min => (true, false),
+                _ => return Err(format!("{name} does not take bool inputs")),
+            };
+            let mut acc = vec![init; plan.out_n];
+            plan.for_each(v, |o, b| {
+                acc[o] = if max { acc[o] || b } else { acc[o] && b }
+            });
+            TensorData::Bool(acc)
+        }
     };
     Ok(Tensor {
         dtype: x.dtype,
@@ -1872,6 +1884,12 @@ mod tests {
         assert!(reduce(&x, ReduceOp::Sum, Some(&[2]), true, false)
             .unwrap_err()
             .contains("out of range"));
+        let b = Tensor::bool(vec![2, 2], vec![true, false, false, false]);
+        let any = reduce(&b, ReduceOp::Max, Some(&[1]), false, false).unwrap();
+        assert_eq!(any.as_bool().unwrap(), &[true, false]);
+        let all = reduce(&b, ReduceOp::Min, Some(&[0]), false, false).unwrap();
+        assert_eq!(all.as_bool().unwrap(), &[false, false]);
+        assert!(reduce(&b, ReduceOp::Sum, None, false, false).is_err());
         let nan = Tensor::f32(vec![3], vec![1.0, f32::NAN, 2.0]);
         assert!(reduce(&nan, ReduceOp::Max, None, false, false)
             .unwrap()
