@@ -1682,6 +1682,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, String> {
 }
 
 #[cfg(test)]
+// Reference implementations read best as index loops.
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::super::linalg::testutil::{assert_close, Rng};
     use super::*;
