@@ -740,8 +740,8 @@ struct AttnProblem<'a, T> {
     bias: Option<Bias<'a, T>>,
 }
 
-const BLOCK_Q: usize = 64;
-const BLOCK_K: usize = 64;
+const BLOCK_Q: usize = 128;
+const BLOCK_K: usize = 128;
 
 /// Tiled attention with an online softmax. Query head h reads key/value head
 /// `h / (q_heads / kv_heads)` (GQA). Rows whose every key is masked give 0
