@@ -1,1 +1,1 @@
-//! runtime
+pub mod cpu;

@@ -1,0 +1,2 @@
+pub mod linalg;
+pub mod nn;
