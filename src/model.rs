@@ -112,7 +112,9 @@ fn value_summary(name: &str, ty: Option<&TensorType>) -> ValueSummary {
             dims.iter()
                 .map(|d| match d {
                     Dim::Fixed(n) => serde_json::Value::from(*n),
-                    Dim::Sym(s) => serde_json::Value::from(if s.is_empty() { "?" } else { s.as_str() }),
+                    Dim::Sym(s) => {
+                        serde_json::Value::from(if s.is_empty() { "?" } else { s.as_str() })
+                    }
                 })
                 .collect()
         }),
@@ -147,7 +149,11 @@ pub fn summarize(graph: &Graph, path: &Path, format: Format) -> Summary {
             .opsets
             .iter()
             .map(|(d, v)| OpsetInfo {
-                domain: if d.is_empty() { "ai.onnx".into() } else { d.clone() },
+                domain: if d.is_empty() {
+                    "ai.onnx".into()
+                } else {
+                    d.clone()
+                },
                 version: *v,
             })
             .collect(),
@@ -197,7 +203,11 @@ impl std::fmt::Display for Summary {
             write!(f, ", IR version {v}")?;
         }
         if !self.opsets.is_empty() {
-            let o: Vec<String> = self.opsets.iter().map(|o| format!("{} {}", o.domain, o.version)).collect();
+            let o: Vec<String> = self
+                .opsets
+                .iter()
+                .map(|o| format!("{} {}", o.domain, o.version))
+                .collect();
             write!(f, ", opsets: {}", o.join(", "))?;
         }
         writeln!(f)?;
@@ -230,7 +240,15 @@ impl std::fmt::Display for Summary {
             .iter()
             .map(|(d, n)| format!("{d} {}", group_digits(*n)))
             .collect();
-        writeln!(f, "dtypes:     {}", if dts.is_empty() { "-".into() } else { dts.join(", ") })?;
+        writeln!(
+            f,
+            "dtypes:     {}",
+            if dts.is_empty() {
+                "-".into()
+            } else {
+                dts.join(", ")
+            }
+        )?;
         writeln!(f, "trainable:  {}", group_digits(self.trainable_parameters))
     }
 }

@@ -6,7 +6,10 @@ use common::*;
 use std::process::{Command, Output};
 
 fn lcc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lcc")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_lcc"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -17,7 +20,8 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-const TINY_PARAMS: u64 = 2 * 256 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64;
+const TINY_PARAMS: u64 =
+    2 * 256 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64;
 
 #[test]
 fn inspect_summarises_an_hf_dir() {
@@ -25,7 +29,10 @@ fn inspect_summarises_an_hf_dir() {
     let o = lcc(&["inspect", hf.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("format:     Hugging Face directory"), "{text}");
+    assert!(
+        text.contains("format:     Hugging Face directory"),
+        "{text}"
+    );
     assert!(text.contains("input_ids"), "{text}");
     assert!(text.contains("i64[batch,seq]"), "{text}");
     assert!(text.contains("f32[batch,seq,256]"), "{text}");
@@ -39,7 +46,10 @@ fn inspect_summarises_an_hf_dir() {
     assert_eq!(v["parameter_bytes"], TINY_PARAMS * 4);
     assert_eq!(v["inputs"][0]["name"], "input_ids");
     assert_eq!(v["inputs"][0]["shape"], serde_json::json!(["batch", "seq"]));
-    assert_eq!(v["outputs"][0]["shape"], serde_json::json!(["batch", "seq", 256]));
+    assert_eq!(
+        v["outputs"][0]["shape"],
+        serde_json::json!(["batch", "seq", 256])
+    );
     assert_eq!(v["ops"]["Attention"], 2);
     assert_eq!(v["ops"]["Linear"], 15);
     assert_eq!(v["weight_dtypes"]["f32"], TINY_PARAMS);
@@ -60,7 +70,11 @@ fn inspect_summarises_an_onnx_export_and_prints_canonical_ir() {
     let a = lcc(&["inspect", m.to_str().unwrap(), "--print"]);
     let b = lcc(&["inspect", m.to_str().unwrap(), "--print"]);
     assert!(a.status.success());
-    assert!(stdout(&a).starts_with("graph {\n  input %input_ids: i64[batch,seq]\n"), "{}", stdout(&a));
+    assert!(
+        stdout(&a).starts_with("graph {\n  input %input_ids: i64[batch,seq]\n"),
+        "{}",
+        stdout(&a)
+    );
     assert_eq!(stdout(&a), stdout(&b));
 }
 
@@ -88,7 +102,11 @@ fn exec_writes_logits_matching_torch() {
 fn exec_names_a_missing_input() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("none.safetensors");
-    lcc::hf::write_tensors(&empty, &[("other".into(), lcc::ir::Tensor::scalar_f32(1.0))]).unwrap();
+    lcc::hf::write_tensors(
+        &empty,
+        &[("other".into(), lcc::ir::Tensor::scalar_f32(1.0))],
+    )
+    .unwrap();
     let o = lcc(&[
         "exec",
         tiny().join("hf").to_str().unwrap(),
@@ -109,7 +127,12 @@ fn diff_graph_exit_codes_follow_diff() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("graphs are equal"));
 
-    let o = lcc(&["diff-graph", hf.to_str().unwrap(), ts.to_str().unwrap(), "--no-color"]);
+    let o = lcc(&[
+        "diff-graph",
+        hf.to_str().unwrap(),
+        ts.to_str().unwrap(),
+        "--no-color",
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(text.contains("nodes:"), "{text}");
@@ -117,13 +140,26 @@ fn diff_graph_exit_codes_follow_diff() {
     assert!(text.contains("\n+++ "), "{text}");
     assert!(!text.contains("\x1b["), "colour without a terminal");
 
-    let o = lcc(&["diff-graph", hf.to_str().unwrap(), ts.to_str().unwrap(), "--stat"]);
+    let o = lcc(&[
+        "diff-graph",
+        hf.to_str().unwrap(),
+        ts.to_str().unwrap(),
+        "--stat",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(!stdout(&o).contains("\n+++ "));
 
-    let o = lcc(&["diff-graph", hf.to_str().unwrap(), "/nonexistent/model.onnx"]);
+    let o = lcc(&[
+        "diff-graph",
+        hf.to_str().unwrap(),
+        "/nonexistent/model.onnx",
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("/nonexistent/model.onnx"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/model.onnx"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -132,9 +168,19 @@ fn convert_moves_between_hf_and_onnx() {
     let onnx = dir.path().join("tiny.onnx");
     let back = dir.path().join("tiny-hf");
     let hf = tiny().join("hf");
-    let o = lcc(&["convert", hf.to_str().unwrap(), "-o", onnx.to_str().unwrap()]);
+    let o = lcc(&[
+        "convert",
+        hf.to_str().unwrap(),
+        "-o",
+        onnx.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = lcc(&["convert", onnx.to_str().unwrap(), "-o", back.to_str().unwrap()]);
+    let o = lcc(&[
+        "convert",
+        onnx.to_str().unwrap(),
+        "-o",
+        back.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(back.join("config.json").is_file());
     let o = lcc(&["diff-graph", hf.to_str().unwrap(), back.to_str().unwrap()]);

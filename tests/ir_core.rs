@@ -1,7 +1,8 @@
 //! The IR's own contracts: canonical print, verifier, patches, diffs.
 
 use lcc::ir::{
-    self, diff, BinaryOp, DType, Dim, Graph, Op, Output, Patch, PatchValue, Tensor, TensorType, UnaryOp, Weight,
+    self, diff, BinaryOp, DType, Dim, Graph, Op, Output, Patch, PatchValue, Tensor, TensorType,
+    UnaryOp, Weight,
 };
 
 fn ty(dims: &[Dim]) -> TensorType {
@@ -15,13 +16,21 @@ fn small_graph(reverse_weight_first: bool) -> Graph {
     g.weights.insert(Weight::from_tensor("bias", &w, false));
     let (x, wv) = if reverse_weight_first {
         let wv = g.weight_value("bias").unwrap();
-        (g.add_input("x", ty(&[Dim::sym("batch"), Dim::Fixed(4)])), wv)
+        (
+            g.add_input("x", ty(&[Dim::sym("batch"), Dim::Fixed(4)])),
+            wv,
+        )
     } else {
         let x = g.add_input("x", ty(&[Dim::sym("batch"), Dim::Fixed(4)]));
         (x, g.weight_value("bias").unwrap())
     };
     let sum = g
-        .add("add", Op::Binary(BinaryOp::Add), &[x, wv], Some(ty(&[Dim::sym("batch"), Dim::Fixed(4)])))
+        .add(
+            "add",
+            Op::Binary(BinaryOp::Add),
+            &[x, wv],
+            Some(ty(&[Dim::sym("batch"), Dim::Fixed(4)])),
+        )
         .unwrap();
     let neg = g.add("neg", Op::Unary(UnaryOp::Neg), &[sum], None).unwrap();
     g.outputs.push(("y".into(), neg));
@@ -52,8 +61,14 @@ fn verify_accepts_a_well_formed_graph() {
 #[test]
 fn verify_rejects_a_cycle() {
     let mut g = small_graph(false);
-    let add = g.g.node_indices().find(|&n| g.node(n).name == "add").unwrap();
-    let neg = g.g.node_indices().find(|&n| g.node(n).name == "neg").unwrap();
+    let add =
+        g.g.node_indices()
+            .find(|&n| g.node(n).name == "add")
+            .unwrap();
+    let neg =
+        g.g.node_indices()
+            .find(|&n| g.node(n).name == "neg")
+            .unwrap();
     g.set_input(add, 1, Some(lcc::ir::Value::new(neg, 0)));
     let err = ir::verify(&g).unwrap_err().to_string();
     assert!(err.contains("cycle"), "{err}");
@@ -62,7 +77,10 @@ fn verify_rejects_a_cycle() {
 #[test]
 fn verify_rejects_a_missing_required_input_and_wrong_types() {
     let mut g = small_graph(false);
-    let add = g.g.node_indices().find(|&n| g.node(n).name == "add").unwrap();
+    let add =
+        g.g.node_indices()
+            .find(|&n| g.node(n).name == "add")
+            .unwrap();
     g.set_input(add, 1, None);
     let err = ir::verify(&g).unwrap_err().to_string();
     assert!(err.contains("required input 1"), "{err}");
@@ -70,7 +88,8 @@ fn verify_rejects_a_missing_required_input_and_wrong_types() {
     let mut g = small_graph(false);
     let ids = g.add_input("ids", TensorType::new(DType::I64, vec![Dim::Fixed(4)]));
     let x = lcc::ir::Value::new(g.inputs[0], 0);
-    g.add("bad", Op::Binary(BinaryOp::Mul), &[x, ids], None).unwrap();
+    g.add("bad", Op::Binary(BinaryOp::Mul), &[x, ids], None)
+        .unwrap();
     let err = ir::verify(&g).unwrap_err().to_string();
     assert!(err.contains("operand types differ"), "{err}");
 }
@@ -87,7 +106,10 @@ fn verify_rejects_a_weight_missing_from_the_store() {
 fn add_node_rejects_an_undefined_value() {
     let mut g = small_graph(false);
     let ghost = lcc::ir::Value::new(lcc::ir::NodeIndex::new(999), 0);
-    let err = g.add("n", Op::Unary(UnaryOp::Exp), &[ghost], None).unwrap_err().to_string();
+    let err = g
+        .add("n", Op::Unary(UnaryOp::Exp), &[ghost], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not exist"), "{err}");
 }
 
@@ -102,7 +124,10 @@ fn patch_replaces_a_value_and_drops_dead_nodes() {
         "exp",
         Op::Unary(UnaryOp::Exp),
         &[Some(PatchValue::Existing(add))],
-        vec![Output { name: "exp".into(), ty: None }],
+        vec![Output {
+            name: "exp".into(),
+            ty: None,
+        }],
     );
     p.replace(neg, exp);
     let stats = g.apply(p).unwrap();
@@ -121,7 +146,8 @@ fn diff_reports_changed_attributes_added_nodes_and_weights() {
     let neg = b.outputs[0].1;
     let sm = b.add("sm", Op::Softmax { axis: -1 }, &[neg], None).unwrap();
     b.outputs[0].1 = sm;
-    b.weights.insert(Weight::from_tensor("extra", &Tensor::scalar_f32(1.0), true));
+    b.weights
+        .insert(Weight::from_tensor("extra", &Tensor::scalar_f32(1.0), true));
     let d = diff::diff(&a, &b).unwrap();
     assert_eq!(d.nodes_added.len(), 1);
     assert_eq!(d.nodes_added[0].op, "Softmax");
@@ -150,16 +176,26 @@ fn tensor_bytes_round_trip_through_storage_types() {
         let back = Tensor::from_le_bytes(dt, vec![3], &u.to_le_bytes()).unwrap();
         assert_eq!(back.as_f32().unwrap()[..2], [1.0, -2.5]);
     }
-    let err = Tensor::from_le_bytes(DType::F32, vec![4], &[0u8; 15]).unwrap_err().to_string();
+    let err = Tensor::from_le_bytes(DType::F32, vec![4], &[0u8; 15])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("needs 16 bytes, got 15"), "{err}");
-    let err = Tensor::from_le_bytes(DType::F32, vec![1 << 40, 1 << 40], &[]).unwrap_err().to_string();
+    let err = Tensor::from_le_bytes(DType::F32, vec![1 << 40, 1 << 40], &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("overflows"), "{err}");
 }
 
 #[test]
 fn rope_frequencies_follow_transformers_formulas() {
     use lcc::ir::{rope, RopeAttrs, RopeScaling};
-    let base = RopeAttrs { num_heads: 1, head_dim: 8, rotary_dim: 8, theta: 10000.0, scaling: RopeScaling::None };
+    let base = RopeAttrs {
+        num_heads: 1,
+        head_dim: 8,
+        rotary_dim: 8,
+        theta: 10000.0,
+        scaling: RopeScaling::None,
+    };
     let (f, s) = rope::inv_freq(&base, 16);
     assert_eq!(s, 1.0);
     // 1 / 10000^(i/8) for i = 0, 2, 4, 6
@@ -167,14 +203,20 @@ fn rope_frequencies_follow_transformers_formulas() {
     for (a, b) in f.iter().zip(expect) {
         assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
     }
-    let lin = RopeAttrs { scaling: RopeScaling::Linear { factor: 4.0 }, ..base.clone() };
+    let lin = RopeAttrs {
+        scaling: RopeScaling::Linear { factor: 4.0 },
+        ..base.clone()
+    };
     let (g, _) = rope::inv_freq(&lin, 16);
     for (a, b) in g.iter().zip(&f) {
         assert!((a * 4.0 - b).abs() < 1e-9);
     }
     // Dynamic NTK leaves short sequences alone.
     let dy = RopeAttrs {
-        scaling: RopeScaling::Dynamic { factor: 2.0, original_max_position_embeddings: 32 },
+        scaling: RopeScaling::Dynamic {
+            factor: 2.0,
+            original_max_position_embeddings: 32,
+        },
         ..base.clone()
     };
     assert_eq!(rope::inv_freq(&dy, 32).0, f);

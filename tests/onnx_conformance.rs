@@ -20,7 +20,11 @@ fn numbered(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let n = name.strip_prefix(prefix)?.strip_suffix(".pb")?.parse().ok()?;
+                    let n = name
+                        .strip_prefix(prefix)?
+                        .strip_suffix(".pb")?
+                        .parse()
+                        .ok()?;
                     Some((n, e.path()))
                 })
                 .collect()
@@ -57,13 +61,19 @@ fn run_case(dir: &Path) -> Result<(), String> {
     for (i, path) in inputs.iter().enumerate() {
         let t = lcc::onnx::read_tensor_file(path).map_err(|e| format!("input: {e}"))?;
         let Some(&node) = graph.inputs.get(i) else {
-            return Err(format!("test data has input {i}, the graph has {}", graph.inputs.len()));
+            return Err(format!(
+                "test data has input {i}, the graph has {}",
+                graph.inputs.len()
+            ));
         };
         feeds.insert(graph.node(node).outputs[0].name.clone(), t);
     }
-    let got = CpuBackend::new(Some(1)).run(&graph, &feeds).map_err(|e| format!("run: {e}"))?;
+    let got = CpuBackend::new(Some(1))
+        .run(&graph, &feeds)
+        .map_err(|e| format!("run: {e}"))?;
     for (i, path) in outputs.iter().enumerate() {
-        let want = lcc::onnx::read_tensor_file(path).map_err(|e| format!("expected output: {e}"))?;
+        let want =
+            lcc::onnx::read_tensor_file(path).map_err(|e| format!("expected output: {e}"))?;
         let name = &graph.outputs[i].0;
         let t = got.get(name).ok_or_else(|| format!("no output '{name}'"))?;
         close(t, &want).map_err(|e| format!("output '{name}': {e}"))?;
@@ -104,7 +114,10 @@ fn onnx_node_tests_match_expectations() {
         .filter(|(_, r)| matches!(r, Err(e) if e == "PANIC"))
         .map(|(c, _)| c)
         .collect();
-    assert!(panics.is_empty(), "cases panicked (must be errors): {panics:?}");
+    assert!(
+        panics.is_empty(),
+        "cases panicked (must be errors): {panics:?}"
+    );
 
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut text = String::from(
@@ -138,7 +151,10 @@ fn onnx_node_tests_match_expectations() {
     for (case, s) in &got {
         match want.get(case) {
             Some(w) if w == s => {}
-            Some(w) => drift.push(format!("{case}: expected {w}, now {s} ({:?})", results[case])),
+            Some(w) => drift.push(format!(
+                "{case}: expected {w}, now {s} ({:?})",
+                results[case]
+            )),
             None => drift.push(format!("{case}: not in the expectations file")),
         }
     }

@@ -25,8 +25,15 @@ fn check(model: &std::path::Path) {
         let (got, want) = run(model, seq);
         assert_eq!(got.shape, vec![2, seq, 256]);
         let d = max_abs_diff(&got, &want);
-        eprintln!("{} seq {seq} batch 2: max abs diff vs torch {d:.2e}", model.display());
-        assert!(d <= TOL, "{}: seq {seq}: max abs diff {d:e} > {TOL:e}", model.display());
+        eprintln!(
+            "{} seq {seq} batch 2: max abs diff vs torch {d:.2e}",
+            model.display()
+        );
+        assert!(
+            d <= TOL,
+            "{}: seq {seq}: max abs diff {d:e} > {TOL:e}",
+            model.display()
+        );
     }
 }
 

@@ -17,7 +17,8 @@ fn exec(graph: &ir::Graph, seq: usize) -> HashMap<String, Tensor> {
 }
 
 fn write_outputs(path: &Path, outs: &HashMap<String, Tensor>) {
-    let mut named: Vec<(String, Tensor)> = outs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut named: Vec<(String, Tensor)> =
+        outs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     lcc::hf::write_tensors(path, &named).unwrap();
 }
@@ -40,7 +41,11 @@ fn onnx_exports_round_trip_to_the_same_canonical_print() {
         };
         lcc::onnx::save(&g1, &ext, &opts).unwrap();
         let g3 = lcc::onnx::load(&ext).unwrap();
-        assert_eq!(ir::print(&g1).unwrap(), ir::print(&g3).unwrap(), "{name} (external data)");
+        assert_eq!(
+            ir::print(&g1).unwrap(),
+            ir::print(&g3).unwrap(),
+            "{name} (external data)"
+        );
         assert_eq!(
             exec(&g1, 7)["logits"],
             exec(&g3, 7)["logits"],
@@ -61,7 +66,10 @@ fn hf_to_onnx_runs_like_hf_and_in_onnxruntime() {
         let a = exec(&hf, seq);
         let b = exec(&exported, seq);
         let d = max_abs_diff(&a["logits"], &b["logits"]);
-        assert!(d <= 1e-5, "seq {seq}: HF exec and HF→ONNX exec differ by {d:e}");
+        assert!(
+            d <= 1e-5,
+            "seq {seq}: HF exec and HF→ONNX exec differ by {d:e}"
+        );
         if let Some(py) = &py {
             let expected = dir.path().join(format!("lcc_s{seq}.safetensors"));
             write_outputs(&expected, &b);
@@ -85,7 +93,10 @@ fn onnx_reexports_run_in_onnxruntime_like_lcc() {
     // RotaryEmbedding caches have batch 1); a re-export keeps that graph, so
     // it is checked at batch 1.
     let ids = &inputs["input_ids"];
-    let first = Tensor::i64(vec![1, ids.shape[1]], ids.as_i64().unwrap()[..ids.shape[1]].to_vec());
+    let first = Tensor::i64(
+        vec![1, ids.shape[1]],
+        ids.as_i64().unwrap()[..ids.shape[1]].to_vec(),
+    );
     let batch1 = dir.path().join("inputs_b1.safetensors");
     lcc::hf::write_tensors(&batch1, &[("input_ids".to_string(), first.clone())]).unwrap();
     for name in EXPORTS {
@@ -94,7 +105,10 @@ fn onnx_reexports_run_in_onnxruntime_like_lcc() {
         lcc::onnx::save(&g, &out, &ExportOptions::default()).unwrap();
         let (feed, outs) = if name.contains("opset23") {
             let feeds: HashMap<String, Tensor> = [("input_ids".to_string(), first.clone())].into();
-            (batch1.clone(), CpuBackend::new(None).run(&g, &feeds).unwrap())
+            (
+                batch1.clone(),
+                CpuBackend::new(None).run(&g, &feeds).unwrap(),
+            )
         } else {
             (tiny().join("inputs_s7.safetensors"), exec(&g, 7))
         };

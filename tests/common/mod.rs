@@ -53,7 +53,10 @@ pub fn python() -> Option<PathBuf> {
         return Some(candidate);
     }
     if std::env::var("LCC_REQUIRE_PYTHON").as_deref() == Ok("1") {
-        panic!("LCC_REQUIRE_PYTHON=1 but {} cannot import onnx, onnxruntime and numpy", candidate.display());
+        panic!(
+            "LCC_REQUIRE_PYTHON=1 but {} cannot import onnx, onnxruntime and numpy",
+            candidate.display()
+        );
     }
     eprintln!("note: skipping the onnxruntime cross-check (no python with onnx + onnxruntime; set LCC_PYTHON)");
     None
@@ -76,6 +79,10 @@ pub fn check_with_onnxruntime(py: &Path, model: &Path, inputs: &Path, expected: 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "onnxruntime check of {} failed:\n{text}", model.display());
+    assert!(
+        out.status.success(),
+        "onnxruntime check of {} failed:\n{text}",
+        model.display()
+    );
     eprintln!("{}", text.trim());
 }
