@@ -1103,6 +1103,13 @@ mod tests {
         // incompatible
         let e = binary(BinaryOp::Add, &f(&[2], &[1., 2.]), &f(&[3], &[1., 2., 3.])).unwrap_err();
         assert!(e.contains("do not broadcast"), "{e}");
+        // f32 activations meet a bf16-stored weight: the result is f32
+        let w = typed(DType::BF16, f(&[2], &[0.5, 1.5]));
+        let r = binary(BinaryOp::Mul, &f(&[2], &[2., 2.]), &w).unwrap();
+        assert_eq!(r.dtype, DType::F32);
+        assert_eq!(r.as_f32().unwrap(), &[1., 3.]);
+        let r = binary(BinaryOp::Add, &w, &w).unwrap();
+        assert_eq!(r.dtype, DType::BF16);
         // mismatched dtypes
         let e = binary(BinaryOp::Add, &f(&[1], &[1.]), &i(&[1], &[1])).unwrap_err();
         assert!(e.contains("differ"), "{e}");
