@@ -142,7 +142,10 @@ fn exec(path: &Path, inputs: &Path, output: &Path, threads: Option<usize>) -> Re
         .with_context(|| format!("reading inputs from {}", inputs.display()))?
         .into_iter()
         .collect();
-    let backend = runtime::cpu::CpuBackend::new(threads);
+    let backend = match threads {
+        Some(n) => runtime::cpu::CpuBackend::with_threads(n),
+        None => runtime::cpu::CpuBackend::new(),
+    };
     let start = std::time::Instant::now();
     let outputs = runtime::Backend::run(&backend, &graph, &tensors)?;
     let elapsed = start.elapsed();

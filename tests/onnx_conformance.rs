@@ -68,7 +68,7 @@ fn run_case(dir: &Path) -> Result<(), String> {
         };
         feeds.insert(graph.node(node).outputs[0].name.clone(), t);
     }
-    let got = CpuBackend::new(Some(1))
+    let got = CpuBackend::with_threads(1)
         .run(&graph, &feeds)
         .map_err(|e| format!("run: {e}"))?;
     for (i, path) in outputs.iter().enumerate() {

@@ -14,7 +14,7 @@ fn run(model: &std::path::Path, seq: usize) -> (Tensor, Tensor) {
     let graph = lcc::model::load(model).unwrap_or_else(|e| panic!("{}: {e}", model.display()));
     let inputs = read(&tiny().join(format!("inputs_s{seq}.safetensors")));
     let expected = read(&tiny().join(format!("logits_s{seq}.safetensors")));
-    let out: HashMap<String, Tensor> = CpuBackend::new(None)
+    let out: HashMap<String, Tensor> = CpuBackend::new()
         .run(&graph, &inputs)
         .unwrap_or_else(|e| panic!("{}: {e}", model.display()));
     (out["logits"].clone(), expected["logits"].clone())

@@ -13,7 +13,7 @@ use std::path::Path;
 
 fn exec(graph: &ir::Graph, seq: usize) -> HashMap<String, Tensor> {
     let inputs = read(&tiny().join(format!("inputs_s{seq}.safetensors")));
-    CpuBackend::new(None).run(graph, &inputs).unwrap()
+    CpuBackend::new().run(graph, &inputs).unwrap()
 }
 
 fn write_outputs(path: &Path, outs: &HashMap<String, Tensor>) {
@@ -107,7 +107,7 @@ fn onnx_reexports_run_in_onnxruntime_like_lcc() {
             let feeds: HashMap<String, Tensor> = [("input_ids".to_string(), first.clone())].into();
             (
                 batch1.clone(),
-                CpuBackend::new(None).run(&g, &feeds).unwrap(),
+                CpuBackend::new().run(&g, &feeds).unwrap(),
             )
         } else {
             (tiny().join("inputs_s7.safetensors"), exec(&g, 7))

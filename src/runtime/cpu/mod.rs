@@ -1,2 +1,599 @@
+//! The CPU backend: the reference executor. It runs the nodes in schedule
+//! order, computing in f32 (weights stored as f16/bf16 are decoded when
+//! first read), multithreaded with rayon, and frees every value as soon as
+//! its last reader has run.
+//!
+//! Values are held as `Arc<Tensor>`: `Identity` (and a no-op `Cast`) pass
+//! their input through without a copy, and a kernel whose input dies at
+//! this node may reuse its buffer (reshapes, unary and binary arithmetic).
+
+pub mod elementwise;
+mod erf;
+pub mod layout;
 pub mod linalg;
 pub mod nn;
+pub mod shape_ops;
+
+use super::schedule::Schedule;
+use super::Backend;
+use crate::ir::{Graph, Op, Tensor, TensorData, Value};
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The CPU backend. `threads: None` uses rayon's global pool (one thread per
+/// core); `Some(n)` runs in a pool of `n` threads.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    threads: Option<usize>,
+}
+
+/// What a run did with memory, for tests and `--explain`-style reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Nodes executed (graph inputs and weights included).
+    pub nodes_run: usize,
+    /// Weights decoded from their stored bytes.
+    pub weights_decoded: usize,
+    /// Most values held at once (after a node's outputs were stored and
+    /// before its dead inputs were released).
+    pub peak_live_values: usize,
+    /// Most bytes held at once by those values; a buffer shared by several
+    /// values counts once.
+    pub peak_live_bytes: usize,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend { threads: None }
+    }
+
+    /// A backend that runs in its own pool of `threads` threads.
+    pub fn with_threads(threads: usize) -> Self {
+        CpuBackend {
+            threads: Some(threads.max(1)),
+        }
+    }
+
+    /// Runs the graph and reports memory statistics.
+    pub fn run_with_stats(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<(HashMap<String, Tensor>, RunStats)> {
+        match self.threads {
+            None => execute(graph, inputs),
+            Some(n) => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| Error::invalid(format!("cannot start {n} CPU threads: {e}")))?;
+                pool.install(|| execute(graph, inputs))
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn run(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>> {
+        self.run_with_stats(graph, inputs).map(|(out, _)| out)
+    }
+}
+
+/// Runs `graph` on the CPU with the default thread pool.
+pub fn run(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    CpuBackend::new().run(graph, inputs)
+}
+
+/// Runs `graph` on the CPU and reports memory statistics.
+pub fn run_with_stats(
+    graph: &Graph,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<(HashMap<String, Tensor>, RunStats)> {
+    CpuBackend::new().run_with_stats(graph, inputs)
+}
+
+// ---------------------------------------------------------------------------
+// Value storage with liveness accounting
+// ---------------------------------------------------------------------------
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    let elem = match t.data {
+        TensorData::F32(_) => 4,
+        TensorData::F64(_) | TensorData::I64(_) => 8,
+        TensorData::Bool(_) => 1,
+    };
+    t.numel() * elem
+}
+
+struct Values {
+    /// By node index, then output slot.
+    slots: Vec<Vec<Option<Arc<Tensor>>>>,
+    live_values: usize,
+    /// Buffer address → (values holding it, its bytes).
+    buffers: HashMap<usize, (usize, usize)>,
+    live_bytes: usize,
+    /// Bytes released by the current step, subtracted once its outputs are
+    /// counted (inputs and outputs coexist while a kernel runs).
+    releasing: usize,
+    stats: RunStats,
+}
+
+impl Values {
+    fn new(bound: usize) -> Values {
+        Values {
+            slots: vec![Vec::new(); bound],
+            live_values: 0,
+            buffers: HashMap::new(),
+            live_bytes: 0,
+            releasing: 0,
+            stats: RunStats::default(),
+        }
+    }
+
+    fn get(&self, v: Value) -> Option<&Arc<Tensor>> {
+        self.slots.get(v.node.index())?.get(v.slot)?.as_ref()
+    }
+
+    fn insert(&mut self, v: Value, t: Arc<Tensor>) {
+        let key = Arc::as_ptr(&t) as usize;
+        let entry = self.buffers.entry(key).or_insert((0, tensor_bytes(&t)));
+        if entry.0 == 0 {
+            self.live_bytes += entry.1;
+        }
+        entry.0 += 1;
+        let slots = &mut self.slots[v.node.index()];
+        if slots.len() <= v.slot {
+            slots.resize(v.slot + 1, None);
+        }
+        if slots[v.slot].replace(t).is_none() {
+            self.live_values += 1;
+        }
+    }
+
+    fn take(&mut self, v: Value) -> Option<Arc<Tensor>> {
+        let t = self
+            .slots
+            .get_mut(v.node.index())?
+            .get_mut(v.slot)?
+            .take()?;
+        self.live_values -= 1;
+        let key = Arc::as_ptr(&t) as usize;
+        if let Some(entry) = self.buffers.get_mut(&key) {
+            entry.0 -= 1;
+            if entry.0 == 0 {
+                self.releasing += entry.1;
+                self.buffers.remove(&key);
+            }
+        }
+        Some(t)
+    }
+
+    /// Ends a step: records the peak, then forgets what the step released.
+    fn settle(&mut self, dead_values: usize) {
+        let s = &mut self.stats;
+        s.peak_live_values = s.peak_live_values.max(self.live_values + dead_values);
+        s.peak_live_bytes = s.peak_live_bytes.max(self.live_bytes);
+        self.live_bytes -= self.releasing;
+        self.releasing = 0;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The executor
+// ---------------------------------------------------------------------------
+
+/// Checks the caller's inputs against the graph's declared inputs.
+fn validate_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<()> {
+    let declared: Vec<&str> = graph
+        .inputs
+        .iter()
+        .map(|&i| graph.node(i).outputs[0].name.as_str())
+        .collect();
+    let mut unknown: Vec<&String> = inputs
+        .keys()
+        .filter(|k| !declared.contains(&k.as_str()))
+        .collect();
+    unknown.sort();
+    if let Some(k) = unknown.first() {
+        return Err(Error::invalid(format!(
+            "'{k}' is not an input of the graph; its inputs are: {}",
+            declared.join(", ")
+        )));
+    }
+    let mut bindings = BTreeMap::new();
+    for &i in &graph.inputs {
+        let out = &graph.node(i).outputs[0];
+        let name = &out.name;
+        let expected = out
+            .ty
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "any type".into());
+        let t = inputs.get(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "input '{name}' ({expected}) is missing; pass a tensor under that name"
+            ))
+        })?;
+        layout::check_consistent(t).map_err(|m| Error::invalid(format!("input '{name}': {m}")))?;
+        if let Some(ty) = &out.ty {
+            if t.dtype != ty.dtype {
+                return Err(Error::invalid(format!(
+                    "input '{name}' must be {ty}, got {}{:?}",
+                    t.dtype, t.shape
+                )));
+            }
+            ty.check_concrete(&t.shape, &mut bindings)
+                .map_err(|m| Error::invalid(format!("input '{name}' must be {ty}: {m}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn execute(
+    graph: &Graph,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<(HashMap<String, Tensor>, RunStats)> {
+    validate_inputs(graph, inputs)?;
+    let sched = Schedule::new(graph)?;
+    let mut values = Values::new(petgraph::visit::NodeIndexable::node_bound(&graph.g));
+
+    // A weight read by several Weight nodes is decoded once and kept until
+    // the last of them has run.
+    let mut weight_readers: HashMap<&str, usize> = HashMap::new();
+    for &n in &sched.order {
+        if let Op::Weight { name } = &graph.node(n).op {
+            *weight_readers.entry(name.as_str()).or_insert(0) += 1;
+        }
+    }
+    let mut weight_cache: HashMap<&str, Arc<Tensor>> = HashMap::new();
+
+    for (step, &n) in sched.order.iter().enumerate() {
+        let node = graph.node(n);
+        let fail = |msg: String| Error::exec(graph.display_name(n), node.op.name(), msg);
+        let mut ins: Vec<Option<Arc<Tensor>>> = Vec::with_capacity(node.num_inputs);
+        for (port, v) in graph.inputs_of(n).into_iter().enumerate() {
+            ins.push(match v {
+                None => None,
+                Some(v) => Some(values.get(v).cloned().ok_or_else(|| {
+                    fail(format!(
+                        "input {port} was not computed (it reads '{}'); the schedule is broken",
+                        graph.display_name(v.node)
+                    ))
+                })?),
+            });
+        }
+        // Release dead inputs now, so that a kernel holding the only
+        // reference may reuse the buffer.
+        let mut dead = 0;
+        for &v in sched.frees_at(step) {
+            if values.take(v).is_some() {
+                dead += 1;
+            }
+        }
+
+        let outs: Vec<Arc<Tensor>> = match &node.op {
+            Op::Input => {
+                let name = &node.outputs[0].name;
+                let t = inputs
+                    .get(name)
+                    .ok_or_else(|| fail(format!("input '{name}' is missing")))?;
+                vec![Arc::new(t.clone())]
+            }
+            Op::Weight { name } => {
+                let t = match weight_cache.get(name.as_str()) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let w = graph.weights.get(name).ok_or_else(|| {
+                            fail(format!(
+                                "weight '{name}' is not in the graph's weight store"
+                            ))
+                        })?;
+                        let t = Arc::new(w.to_tensor().map_err(|e| fail(e.to_string()))?);
+                        values.stats.weights_decoded += 1;
+                        t
+                    }
+                };
+                let left = weight_readers.get_mut(name.as_str()).map(|c| {
+                    *c -= 1;
+                    *c
+                });
+                if left.unwrap_or(0) > 0 {
+                    weight_cache.insert(name.as_str(), t.clone());
+                } else {
+                    weight_cache.remove(name.as_str());
+                }
+                vec![t]
+            }
+            op => run_kernel(op, ins, node.outputs.len()).map_err(fail)?,
+        };
+        if outs.len() < node.outputs.len() {
+            return Err(fail(format!(
+                "the kernel produced {} outputs, the node declares {}",
+                outs.len(),
+                node.outputs.len()
+            )));
+        }
+        for (slot, t) in outs.into_iter().take(node.outputs.len()).enumerate() {
+            values.insert(Value::new(n, slot), t);
+        }
+        // Outputs nothing reads die right away.
+        for &v in sched.frees_at(step) {
+            if v.node == n && values.take(v).is_some() {
+                dead += 1;
+            }
+        }
+        values.settle(dead);
+        values.stats.nodes_run += 1;
+    }
+
+    let mut result = HashMap::with_capacity(graph.outputs.len());
+    for (name, v) in &graph.outputs {
+        let t = values.get(*v).cloned().ok_or_else(|| {
+            Error::exec(
+                graph.display_name(v.node),
+                graph.node(v.node).op.name(),
+                format!("graph output '{name}' was not computed"),
+            )
+        })?;
+        result.insert(name.clone(), t);
+    }
+    drop(values.slots);
+    let result = result
+        .into_iter()
+        .map(|(k, t)| (k, Arc::try_unwrap(t).unwrap_or_else(|t| (*t).clone())))
+        .collect();
+    Ok((result, values.stats))
+}
+
+// ---------------------------------------------------------------------------
+// Kernel dispatch
+// ---------------------------------------------------------------------------
+
+type Ins = Vec<Option<Arc<Tensor>>>;
+
+fn req(ins: &Ins, i: usize) -> std::result::Result<&Tensor, String> {
+    ins.get(i)
+        .and_then(|t| t.as_deref())
+        .ok_or_else(|| format!("required input {i} is missing"))
+}
+
+fn opt(ins: &Ins, i: usize) -> Option<&Tensor> {
+    ins.get(i).and_then(|t| t.as_deref())
+}
+
+/// Takes input `i` by value when this node holds the only reference.
+fn take_unique(ins: &mut Ins, i: usize) -> Option<Tensor> {
+    let arc = ins.get_mut(i)?.take()?;
+    match Arc::try_unwrap(arc) {
+        Ok(t) => Some(t),
+        Err(arc) => {
+            ins[i] = Some(arc);
+            None
+        }
+    }
+}
+
+/// Input `i` by value: moved when unique, else copied.
+fn take_owned(ins: &mut Ins, i: usize) -> std::result::Result<Tensor, String> {
+    if let Some(t) = take_unique(ins, i) {
+        return Ok(t);
+    }
+    req(ins, i).cloned()
+}
+
+fn int_list(t: &Tensor, what: &str) -> std::result::Result<Vec<i64>, String> {
+    elementwise::shape_values(t, what)
+}
+
+fn one(t: Tensor) -> std::result::Result<Vec<Arc<Tensor>>, String> {
+    Ok(vec![Arc::new(t)])
+}
+
+/// Runs one node's kernel on its inputs (in port order, `None` = absent).
+fn run_kernel(
+    op: &Op,
+    mut ins: Ins,
+    n_out: usize,
+) -> std::result::Result<Vec<Arc<Tensor>>, String> {
+    use elementwise as ew;
+    use shape_ops as so;
+    match op {
+        Op::Input | Op::Weight { .. } => Err("graph boundary nodes have no kernel".into()),
+        Op::Constant { value } => {
+            layout::check_consistent(value)
+                .map_err(|m| format!("the constant is malformed: {m}"))?;
+            one(value.clone())
+        }
+        Op::Identity => Ok(vec![ins
+            .first_mut()
+            .and_then(|t| t.take())
+            .ok_or("required input 0 is missing")?]),
+
+        Op::Unary(u) => match take_unique(&mut ins, 0) {
+            Some(x) => one(ew::unary_owned(*u, x)?),
+            None => one(ew::unary(*u, req(&ins, 0)?)?),
+        },
+        Op::Binary(b) => match take_unique(&mut ins, 0) {
+            Some(a) => one(ew::binary_owned(*b, a, req(&ins, 1)?)?),
+            None => one(ew::binary(*b, req(&ins, 0)?, req(&ins, 1)?)?),
+        },
+        Op::Variadic(v) => {
+            let xs: Vec<&Tensor> = ins.iter().flatten().map(|t| &**t).collect();
+            one(ew::variadic(*v, &xs)?)
+        }
+        Op::Where => one(ew::where_op(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?)?),
+        Op::Cast { to } => {
+            let x = req(&ins, 0)?;
+            if x.dtype == *to {
+                let arc = ins[0].take().ok_or("required input 0 is missing")?;
+                return Ok(vec![arc]);
+            }
+            one(ew::cast(x, *to)?)
+        }
+        Op::CumSum { exclusive, reverse } => one(ew::cumsum(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            *exclusive,
+            *reverse,
+        )?),
+        Op::Trilu { upper } => one(ew::trilu(req(&ins, 0)?, opt(&ins, 1), *upper)?),
+        Op::ConstantOfShape { value } => one(ew::constant_of_shape(req(&ins, 0)?, value.as_ref())?),
+        Op::Range => one(ew::range(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?)?),
+
+        Op::Reshape { allowzero } => {
+            let shape = req(&ins, 1)?.clone();
+            one(so::reshape(take_owned(&mut ins, 0)?, &shape, *allowzero)?)
+        }
+        Op::Unsqueeze { axes } => {
+            let axes = match axes {
+                Some(a) => a.clone(),
+                None => int_list(req(&ins, 1)?, "axes")?,
+            };
+            one(so::unsqueeze(take_owned(&mut ins, 0)?, &axes)?)
+        }
+        Op::Squeeze { axes } => {
+            let axes = match (axes, opt(&ins, 1)) {
+                (Some(a), _) => Some(a.clone()),
+                (None, Some(t)) => Some(int_list(t, "axes")?),
+                (None, None) => None,
+            };
+            one(so::squeeze(take_owned(&mut ins, 0)?, axes.as_deref())?)
+        }
+        Op::Transpose { perm } => one(so::transpose(req(&ins, 0)?, perm.as_deref())?),
+        Op::Concat { axis } => {
+            let xs: Vec<&Tensor> = ins.iter().flatten().map(|t| &**t).collect();
+            one(so::concat(&xs, *axis)?)
+        }
+        Op::Slice => one(so::slice(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            req(&ins, 2)?,
+            opt(&ins, 3),
+            opt(&ins, 4),
+        )?),
+        Op::Gather { axis } => one(so::gather(req(&ins, 0)?, req(&ins, 1)?, *axis)?),
+        Op::GatherNd { batch_dims } => {
+            one(so::gather_nd(req(&ins, 0)?, req(&ins, 1)?, *batch_dims)?)
+        }
+        Op::Expand => one(so::expand(req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::Shape { start, end } => one(so::shape_of(req(&ins, 0)?, *start, *end)),
+        Op::Size => one(so::size_of(req(&ins, 0)?)),
+        Op::Split {
+            axis,
+            split,
+            num_outputs,
+        } => {
+            let sizes = match (split, opt(&ins, 1)) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(t)) => Some(int_list(t, "split")?),
+                (None, None) => None,
+            };
+            let parts = so::split(req(&ins, 0)?, *axis, sizes.as_deref(), *num_outputs)?;
+            Ok(parts.into_iter().map(Arc::new).collect())
+        }
+
+        Op::MatMul => one(linalg::matmul(req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => one(linalg::gemm(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            opt(&ins, 2),
+            *alpha,
+            *beta,
+            *trans_a,
+            *trans_b,
+        )?),
+        Op::Softmax { axis } => one(nn::softmax(req(&ins, 0)?, *axis, false)?),
+        Op::LogSoftmax { axis } => one(nn::softmax(req(&ins, 0)?, *axis, true)?),
+        Op::Reduce {
+            op,
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        } => {
+            // In the input form an empty axes tensor means the same as an
+            // absent one.
+            let axes = match (axes, opt(&ins, 1)) {
+                (Some(a), _) => Some(a.clone()),
+                (None, Some(t)) => Some(int_list(t, "axes")?).filter(|a| !a.is_empty()),
+                (None, None) => None,
+            };
+            one(nn::reduce(
+                req(&ins, 0)?,
+                *op,
+                axes.as_deref(),
+                *keepdims,
+                *noop_with_empty_axes,
+            )?)
+        }
+        Op::RmsNormalization {
+            axis,
+            epsilon,
+            stash_type,
+        } => one(nn::rms_normalization(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            *axis,
+            *epsilon,
+            *stash_type,
+        )?),
+        Op::RotaryEmbedding {
+            interleaved,
+            num_heads,
+            rotary_embedding_dim,
+        } => one(nn::rotary_embedding(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            req(&ins, 2)?,
+            opt(&ins, 3),
+            *interleaved,
+            *num_heads,
+            *rotary_embedding_dim,
+        )?),
+        Op::OnnxAttention(attrs) => {
+            let outs = nn::onnx_attention(
+                req(&ins, 0)?,
+                req(&ins, 1)?,
+                req(&ins, 2)?,
+                opt(&ins, 3),
+                opt(&ins, 4),
+                opt(&ins, 5),
+                attrs,
+            )?;
+            if outs.len() < n_out {
+                return Err(format!(
+                    "the kernel produced {} outputs, the node declares {n_out}",
+                    outs.len()
+                ));
+            }
+            Ok(outs.into_iter().map(Arc::new).collect())
+        }
+        Op::Embedding => one(nn::embedding(req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::RmsNorm { eps } => one(nn::rms_norm(req(&ins, 0)?, req(&ins, 1)?, *eps)?),
+        Op::Rope(attrs) => one(nn::rope(req(&ins, 0)?, opt(&ins, 1), attrs)?),
+        Op::Attention(attrs) => one(nn::attention(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            req(&ins, 2)?,
+            attrs,
+        )?),
+        Op::Linear => one(nn::linear(req(&ins, 0)?, req(&ins, 1)?, opt(&ins, 2))?),
+        Op::SwiGlu => one(nn::swiglu(req(&ins, 0)?, req(&ins, 1)?)?),
+    }
+}
+
+#[cfg(test)]
+mod tests;
