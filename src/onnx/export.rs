@@ -156,6 +156,7 @@ pub fn save(graph: &Graph, path: &Path, opts: &ExportOptions) -> Result<()> {
 
 /// The model as a `ModelProto` with every weight embedded (lowering
 /// LLaMA-level ops first).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn to_model_proto(graph: &Graph) -> Result<ModelProto> {
     let prepared = prepare(graph)?;
     build_model(prepared.graph(), prepared.opset, &HashMap::new())

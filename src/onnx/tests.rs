@@ -64,7 +64,11 @@ fn f32_init(name: &str, dims: &[i64], vals: &[f32]) -> TensorProto {
         name: name.into(),
         dims: dims.to_vec(),
         data_type: 1,
-        raw_data: Bytes::from(vals.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+        raw_data: Bytes::from(
+            vals.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
         ..Default::default()
     }
 }
@@ -89,7 +93,10 @@ fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, opset: i64) -> ModelPro
 }
 
 fn load_model(m: &ModelProto) -> crate::Result<ir::Graph> {
-    load_bytes(&m.encode_to_vec(), Path::new("/nonexistent/test-model.onnx"))
+    load_bytes(
+        &m.encode_to_vec(),
+        Path::new("/nonexistent/test-model.onnx"),
+    )
 }
 
 /// The error text, checked to name the model file.
@@ -99,7 +106,10 @@ fn err_text(r: crate::Result<ir::Graph>, file: &str) -> String {
         Err(e) => e,
     };
     let s = e.to_string();
-    assert!(s.contains(file), "error does not name the file '{file}': {s}");
+    assert!(
+        s.contains(file),
+        "error does not name the file '{file}': {s}"
+    );
     s
 }
 
@@ -157,11 +167,10 @@ fn fixture_op_counts() {
     assert_eq!(h.get("Constant"), Some(&181));
     assert_eq!(h.get("ReduceMean"), Some(&5));
     // Opset 17: ReduceMean keeps its axes attribute.
-    let rm = g
-        .g
-        .node_weights()
-        .find(|n| n.op.name() == "ReduceMean")
-        .unwrap();
+    let rm =
+        g.g.node_weights()
+            .find(|n| n.op.name() == "ReduceMean")
+            .unwrap();
     assert!(matches!(&rm.op, Op::Reduce { axes: Some(a), keepdims: true, .. } if a == &vec![-1]));
 }
 
@@ -243,7 +252,10 @@ fn huge_dims_rejected_before_allocation() {
     t.raw_data = Bytes::new();
     let m = model(vec![node("Add", "add", &["x", "w"], &["y"])], vec![t], 17);
     let s = err_text(load_model(&m), "test-model.onnx");
-    assert!(s.contains("initializer 'w'") && s.contains("more elements"), "{s}");
+    assert!(
+        s.contains("initializer 'w'") && s.contains("more elements"),
+        "{s}"
+    );
     // Large but representable: the size check (not an allocation) fails.
     let t = f32_init("w", &[1 << 20, 1 << 20], &[1.0]);
     let m = model(vec![node("Add", "add", &["x", "w"], &["y"])], vec![t], 17);
@@ -256,7 +268,10 @@ fn short_raw_data_is_rejected() {
     let t = f32_init("w", &[2, 3], &[1.0, 2.0]);
     let m = model(vec![node("Add", "add", &["x", "w"], &["y"])], vec![t], 17);
     let s = err_text(load_model(&m), "test-model.onnx");
-    assert!(s.contains("raw_data has 8 bytes") && s.contains("needs 24"), "{s}");
+    assert!(
+        s.contains("raw_data has 8 bytes") && s.contains("needs 24"),
+        "{s}"
+    );
     // Typed fields are counted too.
     let t = TensorProto {
         name: "w".into(),
@@ -319,11 +334,21 @@ fn external_data_is_mapped_and_checked() {
     };
     let g = write(external_tensor("w", "w.bin", 8, 8)).unwrap();
     let w = g.weights.get("w").unwrap();
-    assert!(matches!(w.data, WeightData::Mapped { offset: 8, len: 8, .. }));
+    assert!(matches!(
+        w.data,
+        WeightData::Mapped {
+            offset: 8,
+            len: 8,
+            ..
+        }
+    ));
     assert_eq!(w.to_tensor().unwrap().as_f32().unwrap(), &[1.5, -2.0]);
 
     let s = err_text(write(external_tensor("w", "missing.bin", 0, 8)), "m.onnx");
-    assert!(s.contains("missing.bin") && s.contains("cannot open"), "{s}");
+    assert!(
+        s.contains("missing.bin") && s.contains("cannot open"),
+        "{s}"
+    );
     let s = err_text(write(external_tensor("w", "w.bin", 12, 8)), "m.onnx");
     assert!(s.contains("has 16 bytes") && s.contains("truncated"), "{s}");
     let s = err_text(write(external_tensor("w", "w.bin", u64::MAX, 8)), "m.onnx");
@@ -353,7 +378,11 @@ fn cycle_is_rejected() {
 
 #[test]
 fn undefined_value_is_rejected() {
-    let m = model(vec![node("Add", "adder", &["x", "ghost"], &["y"])], vec![], 17);
+    let m = model(
+        vec![node("Add", "adder", &["x", "ghost"], &["y"])],
+        vec![],
+        17,
+    );
     let s = err_text(load_model(&m), "test-model.onnx");
     assert!(s.contains("'adder'") && s.contains("'ghost'"), "{s}");
 }
@@ -374,7 +403,11 @@ fn duplicate_definition_is_rejected() {
 
 #[test]
 fn unsupported_op_names_node_type_domain_opset() {
-    let m = model(vec![node("Einsum", "my_einsum", &["x"], &["y"])], vec![], 19);
+    let m = model(
+        vec![node("Einsum", "my_einsum", &["x"], &["y"])],
+        vec![],
+        19,
+    );
     match load_model(&m) {
         Err(Error::UnsupportedOp {
             node,
@@ -453,13 +486,19 @@ fn moved_attributes_keep_their_form() {
     };
     let n = node("ReduceMean", "rm", &["x", "ax"], &["y"]);
     let g = load_model(&model(vec![n], vec![ax.clone()], 18)).unwrap();
-    let rm = g.g.node_indices().find(|&i| g.node(i).op.name() == "ReduceMean").unwrap();
+    let rm =
+        g.g.node_indices()
+            .find(|&i| g.node(i).op.name() == "ReduceMean")
+            .unwrap();
     assert!(matches!(g.node(rm).op, Op::Reduce { axes: None, .. }));
     assert!(g.inputs_of(rm)[1].is_some());
     // Absent optional input in the middle: Slice(x, s, e, "", steps).
     let n = node("Slice", "sl", &["x", "ax", "ax", "", "ax"], &["y"]);
     let g = load_model(&model(vec![n], vec![ax], 13)).unwrap();
-    let sl = g.g.node_indices().find(|&i| g.node(i).op == Op::Slice).unwrap();
+    let sl =
+        g.g.node_indices()
+            .find(|&i| g.node(i).op == Op::Slice)
+            .unwrap();
     let ins = g.inputs_of(sl);
     assert_eq!(ins.len(), 5);
     assert!(ins[3].is_none() && ins[4].is_some());
@@ -521,14 +560,13 @@ fn constants_in_every_attribute_form() {
     m.graph.as_mut().unwrap().output.push(vi("c2", 7, &[2]));
     m.graph.as_mut().unwrap().output.push(vi("c3", 10, &[2]));
     let g = load_model(&m).unwrap();
-    let consts: Vec<_> = g
-        .g
-        .node_weights()
-        .filter_map(|n| match &n.op {
-            Op::Constant { value } => Some((n.name.clone(), value.clone())),
-            _ => None,
-        })
-        .collect();
+    let consts: Vec<_> =
+        g.g.node_weights()
+            .filter_map(|n| match &n.op {
+                Op::Constant { value } => Some((n.name.clone(), value.clone())),
+                _ => None,
+            })
+            .collect();
     let get = |n: &str| consts.iter().find(|(k, _)| k == n).unwrap().1.clone();
     assert_eq!(get("c1").as_f32().unwrap(), &[2.5]);
     assert!(get("c1").shape.is_empty());
@@ -593,14 +631,13 @@ fn model_local_functions_are_inlined() {
     let h = g.op_histogram();
     assert_eq!(h.get("Sigmoid"), Some(&2));
     assert_eq!(h.get("Mul"), Some(&4));
-    let mut alphas: Vec<f32> = g
-        .g
-        .node_weights()
-        .filter_map(|n| match &n.op {
-            Op::Constant { value } => Some(value.as_f32().unwrap()[0]),
-            _ => None,
-        })
-        .collect();
+    let mut alphas: Vec<f32> =
+        g.g.node_weights()
+            .filter_map(|n| match &n.op {
+                Op::Constant { value } => Some(value.as_f32().unwrap()[0]),
+                _ => None,
+            })
+            .collect();
     alphas.sort_by(f32::total_cmp);
     assert_eq!(alphas, vec![2.0, 3.0]);
     assert_eq!(g.outputs[0].0, "y");
@@ -619,12 +656,19 @@ fn external_data_export_is_aligned_sparse_and_reloads() {
     vals[n - 1] = 7.0;
     vals[n - 2] = -1.0;
     let big_t = ir::Tensor::f32(vec![n], vals);
-    g.weights.insert(ir::Weight::from_tensor("big", &big_t, false));
+    g.weights
+        .insert(ir::Weight::from_tensor("big", &big_t, false));
     let small = ir::Tensor::f32(vec![4], vec![1.0, 2.0, 3.0, 4.0]);
-    g.weights.insert(ir::Weight::from_tensor("small", &small, false));
+    g.weights
+        .insert(ir::Weight::from_tensor("small", &small, false));
     let s = g.weight_value("small").unwrap();
     let y = g
-        .add("add", Op::Binary(ir::BinaryOp::Add), &[x, s], Some(TensorType::fixed(DType::F32, &[4])))
+        .add(
+            "add",
+            Op::Binary(ir::BinaryOp::Add),
+            &[x, s],
+            Some(TensorType::fixed(DType::F32, &[4])),
+        )
         .unwrap();
     let _ = g.weight_value("big").unwrap();
     g.outputs.push(("y".into(), y));
@@ -640,7 +684,11 @@ fn external_data_export_is_aligned_sparse_and_reloads() {
     assert_eq!(md.len(), big as u64);
     use std::os::unix::fs::MetadataExt;
     // Two of the three MiB are holes (blocks are 512 bytes).
-    assert!(md.blocks() * 512 < 2 << 20, "data file not sparse: {} blocks", md.blocks());
+    assert!(
+        md.blocks() * 512 < 2 << 20,
+        "data file not sparse: {} blocks",
+        md.blocks()
+    );
     let g2 = load(&p).unwrap();
     assert_eq!(g2.meta.prop("hf.config"), Some("{\"a\": 1}"));
     let b = g2.weights.get("big").unwrap();
@@ -668,7 +716,9 @@ fn never_embeds_and_absent_weights_fail() {
         trainable: false,
     });
     let w = g.weight_value("w").unwrap();
-    let y = g.add("m", Op::Binary(ir::BinaryOp::Mul), &[x, w], None).unwrap();
+    let y = g
+        .add("m", Op::Binary(ir::BinaryOp::Mul), &[x, w], None)
+        .unwrap();
     g.outputs.push(("y".into(), y));
     let dir = tempfile::tempdir().unwrap();
     let e = save(&g, &dir.path().join("m.onnx"), &ExportOptions::default()).unwrap_err();
