@@ -30,7 +30,7 @@ const MAX_CONSTANT_BYTES: usize = 256 << 20;
 const MAX_FUNCTION_DEPTH: usize = 32;
 /// Most nodes after inlining functions (guards against call trees that grow
 /// exponentially).
-const MAX_NODES: usize = 1 << 22;
+const MAX_NODES: usize = 1 << 20;
 
 /// Loads an ONNX model file. The file is memory-mapped; weights stored in it
 /// (or in external data files beside it) are referenced, not copied.

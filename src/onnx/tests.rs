@@ -724,3 +724,23 @@ fn never_embeds_and_absent_weights_fail() {
     let e = save(&g, &dir.path().join("m.onnx"), &ExportOptions::default()).unwrap_err();
     assert!(e.to_string().contains("'w' has no data"), "{e}");
 }
+
+#[test]
+fn recursive_function_is_rejected() {
+    let mut inner = node("Loopy", "again", &["X"], &["Y"]);
+    inner.domain = "custom".into();
+    let f = FunctionProto {
+        name: "Loopy".into(),
+        domain: "custom".into(),
+        input: vec!["X".into()],
+        output: vec!["Y".into()],
+        node: vec![inner],
+        ..Default::default()
+    };
+    let mut call = node("Loopy", "top", &["x"], &["y"]);
+    call.domain = "custom".into();
+    let mut m = model(vec![call], vec![], 17);
+    m.functions.push(f);
+    let s = err_text(load_model(&m), "test-model.onnx");
+    assert!(s.contains("nest deeper"), "{s}");
+}
