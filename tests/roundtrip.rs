@@ -105,10 +105,7 @@ fn onnx_reexports_run_in_onnxruntime_like_lcc() {
         lcc::onnx::save(&g, &out, &ExportOptions::default()).unwrap();
         let (feed, outs) = if name.contains("opset23") {
             let feeds: HashMap<String, Tensor> = [("input_ids".to_string(), first.clone())].into();
-            (
-                batch1.clone(),
-                CpuBackend::new().run(&g, &feeds).unwrap(),
-            )
+            (batch1.clone(), CpuBackend::new().run(&g, &feeds).unwrap())
         } else {
             (tiny().join("inputs_s7.safetensors"), exec(&g, 7))
         };

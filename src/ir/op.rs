@@ -132,6 +132,8 @@ pub struct OnnxAttentionAttrs {
     pub softcap: f32,
     pub qk_matmul_output_mode: i64,
     pub softmax_precision: Option<i64>,
+    /// 1 (Y), or 3 (Y, present_key, present_value).
+    pub num_outputs: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -394,7 +396,7 @@ impl Op {
     pub fn num_outputs(&self) -> usize {
         match self {
             Op::Split { num_outputs, .. } => *num_outputs,
-            Op::OnnxAttention(_) => 1,
+            Op::OnnxAttention(at) => at.num_outputs,
             _ => 1,
         }
     }
@@ -530,6 +532,9 @@ impl Op {
                 }
                 if let Some(p) = at.softmax_precision {
                     a.push(("softmax_precision", p.to_string()));
+                }
+                if at.num_outputs != 1 {
+                    a.push(("outputs", at.num_outputs.to_string()));
                 }
             }
             Op::RmsNorm { eps } => a.push(("eps", f32s(*eps))),

@@ -66,6 +66,20 @@ pub fn load_bytes(bytes: &[u8], source: &Path) -> Result<Graph> {
     Importer::new(source, Source::Memory).run(Bytes::copy_from_slice(bytes))
 }
 
+/// Reads a serialized `TensorProto` (the `.pb` files of ONNX's test data
+/// sets) into a tensor.
+pub fn read_tensor_file(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let proto = <TensorProto as prost::Message>::decode(bytes.as_slice())
+        .map_err(|e| Error::format(path, format!("not a serialized ONNX TensorProto: {e}")))?;
+    let name = if proto.name.is_empty() {
+        "the tensor".to_string()
+    } else {
+        format!("tensor '{}'", proto.name)
+    };
+    Importer::new(path, Source::Memory).tensor_value(&proto, &name)
+}
+
 /// Lets `Bytes` borrow from a memory map it keeps alive.
 struct MapOwner(Arc<MappedFile>);
 
@@ -1076,15 +1090,43 @@ impl<'a> Importer<'a> {
                 num_heads: a.int("num_heads")?,
                 rotary_embedding_dim: a.int("rotary_embedding_dim")?.unwrap_or(0),
             }),
-            "Attention" if opset >= 23 => Ok(Op::OnnxAttention(OnnxAttentionAttrs {
-                is_causal: a.int("is_causal")?.unwrap_or(0) != 0,
-                kv_num_heads: a.int("kv_num_heads")?,
-                q_num_heads: a.int("q_num_heads")?,
-                scale: a.float("scale")?,
-                softcap: a.float("softcap")?.unwrap_or(0.0),
-                qk_matmul_output_mode: a.int("qk_matmul_output_mode")?.unwrap_or(0),
-                softmax_precision: a.int("softmax_precision")?,
-            })),
+            "Attention" if opset >= 23 => {
+                // Later opsets add attributes that change the result (sliding
+                // windows); refusing them beats computing something else.
+                for at in &node.attribute {
+                    const KNOWN: [&str; 7] = [
+                        "is_causal",
+                        "kv_num_heads",
+                        "q_num_heads",
+                        "scale",
+                        "softcap",
+                        "qk_matmul_output_mode",
+                        "softmax_precision",
+                    ];
+                    if !KNOWN.contains(&at.name.as_str()) {
+                        return Err(self.err(format!(
+                            "node '{display}' (Attention, opset {opset}): attribute '{}' is not supported by lcc",
+                            at.name
+                        )));
+                    }
+                }
+                Ok(Op::OnnxAttention(OnnxAttentionAttrs {
+                    is_causal: a.int("is_causal")?.unwrap_or(0) != 0,
+                    kv_num_heads: a.int("kv_num_heads")?,
+                    q_num_heads: a.int("q_num_heads")?,
+                    scale: a.float("scale")?,
+                    softcap: a.float("softcap")?.unwrap_or(0.0),
+                    qk_matmul_output_mode: a.int("qk_matmul_output_mode")?.unwrap_or(0),
+                    softmax_precision: a.int("softmax_precision")?,
+                    // Y, or Y with present_key and present_value; the fourth
+                    // output (qk_matmul_output) is not produced.
+                    num_outputs: if node.output.iter().skip(1).take(2).any(|o| !o.is_empty()) {
+                        3
+                    } else {
+                        1
+                    },
+                }))
+            }
             "Constant" => {
                 let what = format!("node '{display}' (Constant)");
                 let mut found = None;

@@ -15,7 +15,7 @@ mod lower;
 mod proto;
 
 pub use export::{save, ExportOptions, ExternalData};
-pub use import::{load, load_bytes};
+pub use import::{load, load_bytes, read_tensor_file};
 
 #[cfg(test)]
 mod tests;

@@ -579,7 +579,7 @@ fn run_kernel(
                     outs.len()
                 ));
             }
-            Ok(outs.into_iter().map(Arc::new).collect())
+            Ok(outs.into_iter().take(n_out).map(Arc::new).collect())
         }
         Op::Embedding => one(nn::embedding(req(&ins, 0)?, req(&ins, 1)?)?),
         Op::RmsNorm { eps } => one(nn::rms_norm(req(&ins, 0)?, req(&ins, 1)?, *eps)?),

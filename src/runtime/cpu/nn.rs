@@ -2379,6 +2379,7 @@ mod tests {
             softcap: c.softcap,
             qk_matmul_output_mode: 0,
             softmax_precision: None,
+            num_outputs: 3,
         };
         let outs = onnx_attention(&q, &k, &v, mask.as_ref(), pk.as_ref(), pv.as_ref(), &attrs)
             .unwrap_or_else(|e| panic!("{c:?}: {e}"));
@@ -2624,6 +2625,7 @@ mod tests {
             softcap: 0.0,
             qk_matmul_output_mode: 0,
             softmax_precision: None,
+            num_outputs: 3,
         };
         let mask = Tensor::bool(vec![2, 3], vec![true, false, true, true, true, true]);
         let out = onnx_attention(
@@ -2768,6 +2770,7 @@ mod tests {
             softcap: 0.0,
             qk_matmul_output_mode: 0,
             softmax_precision: None,
+            num_outputs: 3,
         };
         let e = onnx_attention(&q, &k3, &k3, None, None, None, &attrs).unwrap_err();
         assert!(e.contains("multiple of kv heads"), "{e}");
