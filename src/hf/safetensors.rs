@@ -331,7 +331,7 @@ fn stream_weight(w: &Weight, out: &mut File, out_path: &Path) -> Result<()> {
         )));
     }
     for (i, chunk) in bytes.chunks(BLOCK).enumerate() {
-        if chunk.iter().all(|&b| b == 0) {
+        if crate::util::is_all_zero(chunk) {
             out.seek(SeekFrom::Current(chunk.len() as i64))
                 .map_err(|e| Error::io(out_path, e))?;
         } else {

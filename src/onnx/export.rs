@@ -846,7 +846,7 @@ fn copy_weight(
     sources: &mut HashMap<PathBuf, Option<File>>,
 ) -> Result<()> {
     let put = |chunk: &[u8], off: u64| -> Result<()> {
-        if chunk.iter().all(|&b| b == 0) {
+        if crate::util::is_all_zero(chunk) {
             return Ok(());
         }
         dst.write_all_at(chunk, at + off)
