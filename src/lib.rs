@@ -9,6 +9,7 @@ pub mod hf;
 pub mod ir;
 pub mod model;
 pub mod onnx;
+pub mod passes;
 pub mod runtime;
 pub mod util;
 

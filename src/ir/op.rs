@@ -104,11 +104,58 @@ pub struct RopeAttrs {
     pub scaling: RopeScaling,
 }
 
+/// The group size of shifted sparse attention.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GroupSize {
+    /// A fraction of the run-time sequence length (LongLoRA: 1/4).
+    Fraction(f64),
+    /// A fixed number of tokens.
+    Tokens(usize),
+}
+
+impl GroupSize {
+    /// The group size in tokens for a sequence of `seq_len` (at least 1).
+    pub fn tokens(&self, seq_len: usize) -> usize {
+        match *self {
+            GroupSize::Fraction(f) => ((seq_len as f64 * f).round() as usize).max(1),
+            GroupSize::Tokens(n) => n.max(1),
+        }
+    }
+}
+
 /// Which keys a query may see.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttentionPattern {
     /// Every earlier position and itself.
     FullCausal,
+    /// LongLoRA's S²-Attn (training only): causal within groups of G tokens;
+    /// the second half of the heads uses groups shifted by G/2. Without
+    /// `wrap`, the shifted groups are [0,G/2), [G/2,3G/2), … and nothing
+    /// crosses the end of the sequence (the official flash-attention path);
+    /// with `wrap`, the shifted heads are rolled by −G/2, grouped, and rolled
+    /// back (the paper's Algorithm 1).
+    ShiftedSparse { group: GroupSize, wrap: bool },
+}
+
+/// A LoRA branch on a projection: y = x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ, with
+/// scale = alpha/rank (or alpha/√rank with rsLoRA).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraAttrs {
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// Dropout probability on the branch input, applied in training only.
+    pub dropout: f32,
+}
+
+impl LoraAttrs {
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            (self.alpha / (self.rank as f64).sqrt()) as f32
+        } else {
+            (self.alpha / self.rank as f64) as f32
+        }
+    }
 }
 
 /// LLaMA self-attention over already-projected, already-rotated q, k, v in
@@ -257,6 +304,8 @@ pub enum Op {
     Linear,
     /// Inputs: gate, up. silu(gate)·up.
     SwiGlu,
+    /// Inputs: x, weight [out, in], lora_A [rank, in], lora_B [out, rank], [bias].
+    LoraLinear(LoraAttrs),
 }
 
 impl Op {
@@ -341,6 +390,7 @@ impl Op {
             Op::Attention(_) => "Attention",
             Op::Linear => "Linear",
             Op::SwiGlu => "SwiGlu",
+            Op::LoraLinear(_) => "LoraLinear",
         }
     }
 
@@ -389,6 +439,7 @@ impl Op {
             Op::Attention(_) => (3, 3),
             Op::Linear => (2, 3),
             Op::SwiGlu => (2, 2),
+            Op::LoraLinear(_) => (4, 5),
         }
     }
 
@@ -603,12 +654,29 @@ impl Op {
                 a.push(("kv_heads", at.num_kv_heads.to_string()));
                 a.push(("head_dim", at.head_dim.to_string()));
                 a.push(("scale", f32s(at.scale)));
-                a.push((
-                    "pattern",
-                    match at.pattern {
-                        AttentionPattern::FullCausal => "full_causal".into(),
-                    },
-                ));
+                match &at.pattern {
+                    AttentionPattern::FullCausal => a.push(("pattern", "full_causal".into())),
+                    AttentionPattern::ShiftedSparse { group, wrap } => {
+                        a.push(("pattern", "shifted_sparse".into()));
+                        match group {
+                            GroupSize::Fraction(x) => a.push(("group_fraction", f(*x))),
+                            GroupSize::Tokens(n) => a.push(("group_size", n.to_string())),
+                        }
+                        if *wrap {
+                            a.push(("wrap", "1".into()));
+                        }
+                    }
+                }
+            }
+            Op::LoraLinear(l) => {
+                a.push(("rank", l.rank.to_string()));
+                a.push(("alpha", f(l.alpha)));
+                if l.rslora {
+                    a.push(("rslora", "1".into()));
+                }
+                if l.dropout != 0.0 {
+                    a.push(("dropout", f32s(l.dropout)));
+                }
             }
             _ => {}
         }

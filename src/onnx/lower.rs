@@ -375,7 +375,11 @@ impl Builder<'_> {
         v: Value,
         a: &AttentionAttrs,
     ) -> Result<Value> {
-        let AttentionPattern::FullCausal = a.pattern;
+        if a.pattern != AttentionPattern::FullCausal {
+            return Err(Error::invalid(format!(
+                "node '{who}' (Attention): no ONNX lowering for shifted sparse attention yet"
+            )));
+        }
         let (h, kv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
         if kv == 0 || h % kv != 0 {
             return Err(Error::invalid(format!(

@@ -1502,6 +1502,11 @@ pub fn attention(
     }
     let causal_offset = match attrs.pattern {
         AttentionPattern::FullCausal => Some(kv_len - q_len),
+        AttentionPattern::ShiftedSparse { .. } => {
+            return Err(format!(
+                "{OP} shifted sparse attention is not implemented on the CPU yet"
+            ))
+        }
     };
     fn run<T: Real>(
         q: &[T],

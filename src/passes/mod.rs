@@ -1,0 +1,324 @@
+//! Passes: graph rewrites with names, options and reports, run in order by a
+//! pipeline that verifies the graph after each one.
+//!
+//! A pipeline comes from a list of names (`pi,s2attn,lora`), or from a YAML
+//! recipe in `passes/`:
+//!
+//! ```yaml
+//! passes:
+//!   - pi: { factor: 8 }
+//!   - s2attn: {}
+//! ```
+//!
+//! and any option can be overridden with `--set pass.option=value` (the value
+//! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
+
+mod dce;
+
+use crate::ir::{self, Graph};
+use crate::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::path::Path;
+use std::time::Instant;
+
+/// A graph rewrite.
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    /// Rewrites the graph; the report says what changed.
+    fn run(&self, graph: &mut Graph) -> Result<Report>;
+}
+
+/// What a pass did, for `--explain`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Report {
+    pub pass: String,
+    /// Places the pass's pattern matched.
+    pub matched: usize,
+    pub nodes_added: usize,
+    pub nodes_removed: usize,
+    /// Parameters added (negative: removed).
+    pub params_added: i64,
+    /// Anything else worth saying (what was skipped and why, …).
+    pub notes: Vec<String>,
+    pub elapsed_s: f64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: matched {}, nodes +{} -{}, parameters {}{}, {:.3} s",
+            self.pass,
+            self.matched,
+            self.nodes_added,
+            self.nodes_removed,
+            if self.params_added >= 0 { "+" } else { "-" },
+            crate::util::group_digits(self.params_added.unsigned_abs()),
+            self.elapsed_s
+        )?;
+        for n in &self.notes {
+            write!(f, "\n  {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The passes lcc knows: name and a one-line description.
+pub const REGISTRY: &[(&str, &str)] =
+    &[("dce", "dead code elimination: drops nodes no output needs")];
+
+/// One pass of a pipeline with its options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassSpec {
+    pub name: String,
+    pub options: Map<String, Value>,
+}
+
+/// Reads a pass's options into its options struct; an unknown option or a
+/// value of the wrong type is an error naming the pass.
+pub fn parse_options<T: DeserializeOwned>(pass: &str, options: &Map<String, Value>) -> Result<T> {
+    serde_json::from_value(Value::Object(options.clone()))
+        .map_err(|e| Error::invalid(format!("pass '{pass}': bad options: {e}")))
+}
+
+/// Instantiates a pass from its spec.
+pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
+    let o = &spec.options;
+    Ok(match spec.name.as_str() {
+        "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
+        other => {
+            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            return Err(Error::invalid(format!(
+                "unknown pass '{other}'; lcc knows: {}",
+                known.join(", ")
+            )));
+        }
+    })
+}
+
+/// An ordered list of passes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pipeline {
+    pub passes: Vec<PassSpec>,
+}
+
+/// How a pipeline runs.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Run `ir::verify` after every pass.
+    pub verify: bool,
+}
+
+impl Pipeline {
+    /// `pi,s2attn,lora`: each pass with its default options.
+    pub fn from_names(list: &str) -> Result<Pipeline> {
+        let passes = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|name| PassSpec {
+                name: name.to_string(),
+                options: Map::new(),
+            })
+            .collect::<Vec<_>>();
+        if passes.is_empty() {
+            return Err(Error::invalid(
+                "no passes named (expected e.g. --passes pi,s2attn,lora)",
+            ));
+        }
+        let p = Pipeline { passes };
+        p.check_names()?;
+        Ok(p)
+    }
+
+    /// A YAML recipe: `passes:` followed by a list of `name: {options}`.
+    pub fn from_yaml_str(text: &str, source: &Path) -> Result<Pipeline> {
+        let doc: Value = serde_saphyr::from_str(text)
+            .map_err(|e| Error::format(source, format!("not a valid YAML pipeline: {e}")))?;
+        let list = doc
+            .get("passes")
+            .and_then(Value::as_array)
+            .ok_or_else(|| Error::format(source, "expected a top-level `passes:` list"))?;
+        let mut passes = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            let spec = match item {
+                Value::String(name) => PassSpec {
+                    name: name.clone(),
+                    options: Map::new(),
+                },
+                Value::Object(m) if m.len() == 1 => {
+                    let (name, opts) = m.iter().next().unwrap();
+                    let options =
+                        match opts {
+                            Value::Object(o) => o.clone(),
+                            Value::Null => Map::new(),
+                            other => return Err(Error::format(
+                                source,
+                                format!(
+                                    "pass {} ('{name}'): options must be a mapping, got {other}",
+                                    i + 1
+                                ),
+                            )),
+                        };
+                    PassSpec {
+                        name: name.clone(),
+                        options,
+                    }
+                }
+                other => {
+                    return Err(Error::format(
+                        source,
+                        format!(
+                            "pass {}: expected `name` or `name: {{options}}`, got {other}",
+                            i + 1
+                        ),
+                    ))
+                }
+            };
+            passes.push(spec);
+        }
+        let p = Pipeline { passes };
+        p.check_names()
+            .map_err(|e| Error::format(source, e.to_string()))?;
+        Ok(p)
+    }
+
+    pub fn from_yaml(path: &Path) -> Result<Pipeline> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_yaml_str(&text, path)
+    }
+
+    fn check_names(&self) -> Result<()> {
+        for p in &self.passes {
+            if !REGISTRY.iter().any(|(n, _)| *n == p.name) {
+                let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+                return Err(Error::invalid(format!(
+                    "unknown pass '{}'; lcc knows: {}",
+                    p.name,
+                    known.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `pass.option=value` to every occurrence of `pass`.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, value) = assignment.split_once('=').ok_or_else(|| {
+            Error::invalid(format!("--set '{assignment}': expected pass.option=value"))
+        })?;
+        let (pass, option) = key.trim().split_once('.').ok_or_else(|| {
+            Error::invalid(format!("--set '{assignment}': expected pass.option=value"))
+        })?;
+        let parsed: Value = if value.trim().is_empty() {
+            Value::String(String::new())
+        } else {
+            serde_saphyr::from_str(value.trim()).map_err(|e| {
+                Error::invalid(format!(
+                    "--set '{assignment}': the value is not valid YAML: {e}"
+                ))
+            })?
+        };
+        let mut found = false;
+        for p in self.passes.iter_mut().filter(|p| p.name == pass) {
+            p.options.insert(option.to_string(), parsed.clone());
+            found = true;
+        }
+        if !found {
+            let names: Vec<&str> = self.passes.iter().map(|p| p.name.as_str()).collect();
+            return Err(Error::invalid(format!(
+                "--set '{assignment}': pass '{pass}' is not in the pipeline ({})",
+                names.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Instantiates every pass (so option errors surface before any work).
+    pub fn build(&self) -> Result<Vec<Box<dyn Pass>>> {
+        self.passes.iter().map(create).collect()
+    }
+
+    /// Runs the passes in order. `after` sees each report and the graph as
+    /// the pass left it (for `--explain` and `--print-after`).
+    pub fn run(
+        &self,
+        graph: &mut Graph,
+        options: &RunOptions,
+        mut after: impl FnMut(&Report, &Graph),
+    ) -> Result<Vec<Report>> {
+        let passes = self.build()?;
+        let mut reports = Vec::with_capacity(passes.len());
+        for pass in passes {
+            let nodes_before = graph.g.node_count();
+            let params_before = graph.weights.num_params() as i64;
+            let start = Instant::now();
+            let mut report = pass.run(graph)?;
+            report.pass = pass.name().to_string();
+            report.elapsed_s = start.elapsed().as_secs_f64();
+            if report.nodes_added == 0 && report.nodes_removed == 0 {
+                let after_n = graph.g.node_count();
+                report.nodes_added = after_n.saturating_sub(nodes_before);
+                report.nodes_removed = nodes_before.saturating_sub(after_n);
+            }
+            if report.params_added == 0 {
+                report.params_added = graph.weights.num_params() as i64 - params_before;
+            }
+            if options.verify {
+                ir::verify(graph)
+                    .map_err(|e| Error::invalid(format!("after pass '{}': {e}", pass.name())))?;
+            }
+            after(&report, graph);
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_yaml_and_set_build_the_same_pipeline() {
+        let mut a = Pipeline::from_names("dce").unwrap();
+        let b = Pipeline::from_yaml_str("# recipe\npasses:\n  - dce: {}\n", Path::new("r.yaml"))
+            .unwrap();
+        assert_eq!(a, b);
+        let c = Pipeline::from_yaml_str("passes:\n  - dce\n", Path::new("r.yaml")).unwrap();
+        assert_eq!(a, c);
+        a.set("dce.verbose=[1, 2]").unwrap();
+        assert_eq!(a.passes[0].options["verbose"], serde_json::json!([1, 2]));
+        let err = a.build().err().unwrap().to_string();
+        assert!(
+            err.contains("pass 'dce': bad options") && err.contains("verbose"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_passes_and_bad_recipes_are_named() {
+        let err = Pipeline::from_names("dce,frobnicate")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown pass 'frobnicate'") && err.contains("dce"),
+            "{err}"
+        );
+        let err = Pipeline::from_yaml_str("steps: []", Path::new("r.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("r.yaml") && err.contains("passes"), "{err}");
+        let err = Pipeline::from_yaml_str("passes: [dce: 3]", Path::new("r.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("options must be a mapping"), "{err}");
+        let mut p = Pipeline::from_names("dce").unwrap();
+        let err = p.set("pi.factor=8").unwrap_err().to_string();
+        assert!(err.contains("pass 'pi' is not in the pipeline"), "{err}");
+        let err = p.set("dce").unwrap_err().to_string();
+        assert!(err.contains("expected pass.option=value"), "{err}");
+    }
+}
