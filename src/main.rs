@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lcc::ir::{self, Tensor};
-use lcc::{hf, model, onnx, runtime};
+use lcc::{hf, model, onnx, passes, runtime};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -75,6 +75,67 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ExternalDataArg::Auto)]
         external_data: ExternalDataArg,
     },
+    /// Rewrite a model with compiler passes (LongLoRA: pi, s2attn, lora, …)
+    /// and write the result (`*.onnx` or a Hugging Face directory).
+    Rewrite {
+        model: PathBuf,
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Print the canonical IR after this pass (repeatable; `all` for every pass).
+        #[arg(long, value_name = "PASS")]
+        print_after: Vec<String>,
+        /// Print each pass's report: what it matched, added, removed; parameters; time.
+        #[arg(long)]
+        explain: bool,
+        /// Verify the graph after every pass.
+        #[arg(long)]
+        verify: bool,
+        /// When ONNX weights go to an external data file beside the model.
+        #[arg(long, value_enum, default_value_t = ExternalDataArg::Auto)]
+        external_data: ExternalDataArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct PipelineArgs {
+    /// Passes to run, in order, each with its default options (e.g. pi,s2attn,lora).
+    #[arg(long, value_delimiter = ',', conflicts_with = "pipeline")]
+    passes: Vec<String>,
+    /// A YAML recipe (a path, or the name of one in passes/, e.g. longlora-train).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Override a pass option: PASS.OPTION=VALUE (VALUE is YAML), repeatable.
+    #[arg(long = "set", value_name = "PASS.OPTION=VALUE")]
+    set: Vec<String>,
+}
+
+impl PipelineArgs {
+    fn build(&self) -> Result<passes::Pipeline> {
+        let mut pipeline = match &self.pipeline {
+            Some(p) => passes::Pipeline::from_yaml(&recipe_path(p))?,
+            None if !self.passes.is_empty() => passes::Pipeline::from_names(&self.passes.join(","))?,
+            None => bail!("name the passes to run: --passes pi,s2attn,lora or --pipeline RECIPE"),
+        };
+        for s in &self.set {
+            pipeline.set(s)?;
+        }
+        Ok(pipeline)
+    }
+}
+
+/// A recipe argument: a path as given, else `passes/NAME.yaml`.
+fn recipe_path(p: &Path) -> PathBuf {
+    if p.exists() {
+        return p.to_path_buf();
+    }
+    let candidate = Path::new("passes").join(p).with_extension("yaml");
+    if candidate.exists() {
+        candidate
+    } else {
+        p.to_path_buf()
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,6 +177,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             external_data,
         } => convert(&input, &output, external_data),
+        Command::Rewrite {
+            model,
+            pipeline,
+            output,
+            print_after,
+            explain,
+            verify,
+            external_data,
+        } => rewrite(&model, &pipeline, &output, &print_after, explain, verify, external_data),
     }
 }
 
@@ -217,17 +287,66 @@ fn diff_graph(a: &Path, b: &Path, stat: bool, no_color: bool) -> Result<ExitCode
     Ok(ExitCode::from(1))
 }
 
-fn convert(input: &Path, output: &Path, external: ExternalDataArg) -> Result<ExitCode> {
-    let from = model::detect(input)?;
-    let graph = model::load(input)?;
-    let opts = onnx::ExportOptions {
+fn export_options(external: ExternalDataArg) -> onnx::ExportOptions {
+    onnx::ExportOptions {
         external_data: match external {
             ExternalDataArg::Auto => onnx::ExternalData::Auto,
             ExternalDataArg::Always => onnx::ExternalData::Always,
             ExternalDataArg::Never => onnx::ExternalData::Never,
         },
         ..Default::default()
-    };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rewrite(
+    input: &Path,
+    pipeline: &PipelineArgs,
+    output: &Path,
+    print_after: &[String],
+    explain: bool,
+    verify: bool,
+    external: ExternalDataArg,
+) -> Result<ExitCode> {
+    let pipeline = pipeline.build()?;
+    for p in print_after {
+        if p != "all" && !pipeline.passes.iter().any(|s| &s.name == p) {
+            bail!("--print-after {p}: pass '{p}' is not in the pipeline");
+        }
+    }
+    let mut graph = model::load(input)?;
+    let start = std::time::Instant::now();
+    let mut printed = Ok(());
+    let reports = pipeline.run(&mut graph, &passes::RunOptions { verify }, |report, g| {
+        if explain {
+            eprintln!("{report}");
+        }
+        if print_after.iter().any(|p| p == "all" || *p == report.pass) {
+            match ir::print(g) {
+                Ok(text) => println!("// after {}\n{text}", report.pass),
+                Err(e) => printed = Err(e),
+            }
+        }
+    })?;
+    printed?;
+    let format = model::save(&graph, output, &export_options(external))
+        .with_context(|| format!("writing {}", output.display()))?;
+    let names: Vec<&str> = reports.iter().map(|r| r.pass.as_str()).collect();
+    eprintln!(
+        "rewrote {} with {} in {:.2} s; wrote {} ({})",
+        input.display(),
+        names.join(", "),
+        start.elapsed().as_secs_f64(),
+        output.display(),
+        format.describe()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn convert(input: &Path, output: &Path, external: ExternalDataArg) -> Result<ExitCode> {
+    let from = model::detect(input)?;
+    let graph = model::load(input)?;
+    let opts = export_options(external);
     let start = std::time::Instant::now();
     let to = model::save(&graph, output, &opts)
         .with_context(|| format!("converting {} to {}", input.display(), output.display()))?;
