@@ -2,6 +2,11 @@
 //! (tests/fixtures/rope, made by tests/fixtures/gen/make_rope_fixtures.py),
 //! composition, the HF config it records, its ONNX export in onnxruntime,
 //! and its errors.
+//!
+//! Checked by hand once (not run here, tests never run transformers): the
+//! HF dirs lcc saves after `pi` (linear 4, dynamic 4, yarn target 1024,
+//! llama3 8 / original 64) load in transformers 5.24 with the same
+//! `rope_parameters` and reproduce these goldens exactly.
 
 mod common;
 
