@@ -14,6 +14,7 @@
 //! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
 
 mod dce;
+mod s2attn;
 
 use crate::ir::{self, Graph};
 use crate::{Error, Result};
@@ -66,8 +67,10 @@ impl std::fmt::Display for Report {
 }
 
 /// The passes lcc knows: name and a one-line description.
-pub const REGISTRY: &[(&str, &str)] =
-    &[("dce", "dead code elimination: drops nodes no output needs")];
+pub const REGISTRY: &[(&str, &str)] = &[
+    ("dce", "dead code elimination: drops nodes no output needs"),
+    ("s2attn", "shifted sparse attention (LongLoRA S²-Attn) for training; inference: true restores full attention"),
+];
 
 /// One pass of a pipeline with its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +91,9 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     let o = &spec.options;
     Ok(match spec.name.as_str() {
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
+        "s2attn" => Box::new(s2attn::ShiftedSparseAttention::new(parse_options(
+            &spec.name, o,
+        )?)?),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(
@@ -150,18 +156,19 @@ impl Pipeline {
                 },
                 Value::Object(m) if m.len() == 1 => {
                     let (name, opts) = m.iter().next().unwrap();
-                    let options =
-                        match opts {
-                            Value::Object(o) => o.clone(),
-                            Value::Null => Map::new(),
-                            other => return Err(Error::format(
+                    let options = match opts {
+                        Value::Object(o) => o.clone(),
+                        Value::Null => Map::new(),
+                        other => {
+                            return Err(Error::format(
                                 source,
                                 format!(
                                     "pass {} ('{name}'): options must be a mapping, got {other}",
                                     i + 1
                                 ),
-                            )),
-                        };
+                            ))
+                        }
+                    };
                     PassSpec {
                         name: name.clone(),
                         options,
