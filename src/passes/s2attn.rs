@@ -7,9 +7,15 @@
 //! a model trained with S²-Attn is evaluated with full attention.
 //!
 //! ```text
-//! before:  %9 = Attention{heads=4, kv_heads=2, head_dim=16, scale=0.25, pattern=full_causal}(%5, %7, %8)
-//! after:   %9 = Attention{heads=4, kv_heads=2, head_dim=16, scale=0.25, pattern=shifted_sparse, group_fraction=0.25}(%5, %7, %8)
+//! before:  %7 = Attention{heads=4, kv_heads=2, head_dim=16, scale=0.25, pattern=full_causal}(%3, %5, %6)
+//! after:   %7 = Attention{heads=4, kv_heads=2, head_dim=16, scale=0.25, pattern=shifted_sparse,
+//!                         group_fraction=0.25}(%3, %5, %6)
 //! ```
+//!
+//! `%3` is the rotated q, `%5` the rotated k, `%6` v: RoPE stays before the
+//! grouping, on true positions. Only the pattern changes; the run-time
+//! group size is G = round(L·fraction) (at least 1), and a run with G > L
+//! fails with a message.
 //!
 //! Options: `group_fraction` (default 0.25) or `group_size` (tokens; not
 //! both), `wrap` (false: LongLoRA's flash-attention path, nothing crosses
