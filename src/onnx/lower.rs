@@ -11,8 +11,8 @@
 //! Weights keep their names and their Hugging Face layout (`[out, in]`).
 
 use crate::ir::{
-    rope, AttentionAttrs, AttentionPattern, BinaryOp, DType, Graph, Op, ReduceOp, RopeAttrs,
-    RopeScaling, Tensor, TensorData, TensorType, UnaryOp, Value, VariadicOp,
+    rope, AttentionAttrs, AttentionPattern, BinaryOp, DType, Graph, GroupSize, Op, ReduceOp,
+    RopeAttrs, RopeScaling, Tensor, TensorData, TensorType, UnaryOp, Value, VariadicOp,
 };
 use crate::{Error, Result};
 
@@ -375,12 +375,12 @@ impl Builder<'_> {
         v: Value,
         a: &AttentionAttrs,
     ) -> Result<Value> {
-        if a.pattern != AttentionPattern::FullCausal {
+        let (h, kv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        if matches!(a.pattern, AttentionPattern::ShiftedSparse { .. }) && h % 2 != 0 {
             return Err(Error::invalid(format!(
-                "node '{who}' (Attention): no ONNX lowering for shifted sparse attention yet"
+                "node '{who}' (Attention): shifted sparse attention splits the heads in halves, but there are {h} (odd)"
             )));
         }
-        let (h, kv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
         if kv == 0 || h % kv != 0 {
             return Err(Error::invalid(format!(
                 "node '{who}' (Attention): {h} heads cannot be grouped over {kv} kv heads"
@@ -414,12 +414,20 @@ impl Builder<'_> {
         // Causal mask from the run-time length: -inf above the diagonal.
         let s = self.seq_len(q)?;
         let idx = self.arange(s)?;
-        let rows = self.unsqueeze(idx, &[1])?;
-        let cols = self.unsqueeze(idx, &[0])?;
-        let future = self.bin(BinaryOp::Greater, cols, rows)?;
         let ninf = self.floats(DType::F32, vec![], vec![f32::NEG_INFINITY])?;
         let zero = self.floats(DType::F32, vec![], vec![0.0])?;
-        let mask = self.op(Op::Where, &[future, ninf, zero])?;
+        let mask = match &a.pattern {
+            AttentionPattern::FullCausal => {
+                let rows = self.unsqueeze(idx, &[1])?;
+                let cols = self.unsqueeze(idx, &[0])?;
+                let future = self.bin(BinaryOp::Greater, cols, rows)?;
+                self.op(Op::Where, &[future, ninf, zero])?
+            }
+            AttentionPattern::ShiftedSparse { group, wrap } => {
+                let allowed = self.shifted_sparse_allowed(s, idx, *group, *wrap, h)?;
+                self.op(Op::Where, &[allowed, zero, ninf])?
+            }
+        };
         let masked = self.bin(BinaryOp::Add, scores, mask)?;
         let mut probs = self.op(Op::Softmax { axis: -1 }, &[masked])?;
         if dtype != DType::F32 {
@@ -428,5 +436,91 @@ impl Builder<'_> {
         let o = self.op(Op::MatMul, &[probs, v4])?;
         let o = self.transpose(o, &[0, 2, 1, 3])?;
         self.reshape(o, &[0, 0, (h * d) as i64])
+    }
+
+    /// The group size G as an int64 scalar from the run-time length `len`,
+    /// rounded as `GroupSize::tokens` (half away from zero, at least 1):
+    /// x = len·fraction in f64, G = floor(x) + (x − floor(x) ≥ 0.5).
+    fn group_tokens(&mut self, len: Value, group: GroupSize) -> Result<Value> {
+        match group {
+            GroupSize::Tokens(n) => self.scalar_i64(n.max(1) as i64),
+            GroupSize::Fraction(f) => {
+                let len_f = self.cast(len, DType::F64)?;
+                let fc = self.constant(Tensor {
+                    dtype: DType::F64,
+                    shape: vec![],
+                    data: TensorData::F64(vec![f]),
+                })?;
+                let x = self.bin(BinaryOp::Mul, len_f, fc)?;
+                let fl = self.op(Op::Unary(UnaryOp::Floor), &[x])?;
+                let frac = self.bin(BinaryOp::Sub, x, fl)?;
+                let half = self.constant(Tensor {
+                    dtype: DType::F64,
+                    shape: vec![],
+                    data: TensorData::F64(vec![0.5]),
+                })?;
+                let up = self.bin(BinaryOp::GreaterOrEqual, frac, half)?;
+                let up = self.op(Op::Cast { to: DType::F64 }, &[up])?;
+                let r = self.bin(BinaryOp::Add, fl, up)?;
+                let gi = self.op(Op::Cast { to: DType::I64 }, &[r])?;
+                let one = self.scalar_i64(1)?;
+                self.op(Op::Variadic(VariadicOp::Max), &[gi, one])
+            }
+        }
+    }
+
+    /// `[heads, L, L]` bool: may query i see key j under S²-Attn. The first
+    /// half of the heads: j ≤ i within groups [0,G), [G,2G), …; the second
+    /// half: within [0,G/2), [G/2,3G/2), … — or, with `wrap`, in the
+    /// rolled order p = (i − G/2) mod L: p(j) ≤ p(i) within G-groups of p.
+    fn shifted_sparse_allowed(
+        &mut self,
+        len: Value,
+        idx: Value,
+        group: GroupSize,
+        wrap: bool,
+        heads: usize,
+    ) -> Result<Value> {
+        let g = self.group_tokens(len, group)?;
+        let two = self.scalar_i64(2)?;
+        let shift = self.bin(BinaryOp::Div, g, two)?;
+        // Causal within the groups `key(pos) = (pos + offset) / G`.
+        let grouped_causal = |b: &mut Self, pos: Value, offset: Option<Value>| -> Result<Value> {
+            let rows = b.unsqueeze(pos, &[1])?;
+            let cols = b.unsqueeze(pos, &[0])?;
+            let causal = b.bin(BinaryOp::LessOrEqual, cols, rows)?;
+            let (r, c) = match offset {
+                Some(o) => (
+                    b.bin(BinaryOp::Add, rows, o)?,
+                    b.bin(BinaryOp::Add, cols, o)?,
+                ),
+                None => (rows, cols),
+            };
+            let gr = b.bin(BinaryOp::Div, r, g)?;
+            let gc = b.bin(BinaryOp::Div, c, g)?;
+            let same = b.bin(BinaryOp::Equal, gr, gc)?;
+            b.bin(BinaryOp::And, causal, same)
+        };
+        let unshifted = grouped_causal(self, idx, None)?;
+        let shifted = if wrap {
+            let back = self.bin(BinaryOp::Sub, idx, shift)?;
+            let around = self.bin(BinaryOp::Add, back, len)?;
+            let early = self.bin(BinaryOp::Less, idx, shift)?;
+            let rolled = self.op(Op::Where, &[early, around, back])?;
+            grouped_causal(self, rolled, None)?
+        } else {
+            // [0,G/2) is group 0, [G/2, 3G/2) group 1, …: offset G − G/2.
+            let offset = self.bin(BinaryOp::Sub, g, shift)?;
+            grouped_causal(self, idx, Some(offset))?
+        };
+        // Per head: (second half ∧ shifted) ∨ (first half ∧ unshifted);
+        // And/Or rather than Where, which onnxruntime lacks for bool.
+        let second: Vec<bool> = (0..heads).map(|hh| hh >= heads / 2).collect();
+        let first: Vec<bool> = second.iter().map(|&x| !x).collect();
+        let second = self.constant(Tensor::bool(vec![heads, 1, 1], second))?;
+        let first = self.constant(Tensor::bool(vec![heads, 1, 1], first))?;
+        let a = self.bin(BinaryOp::And, second, shifted)?;
+        let b = self.bin(BinaryOp::And, first, unshifted)?;
+        self.bin(BinaryOp::Or, a, b)
     }
 }

@@ -13,8 +13,15 @@
 //! and any option can be overridden with `--set pass.option=value` (the value
 //! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
 
+mod cse;
 mod dce;
+mod fold;
+pub mod lora;
+pub mod merge_lora;
 mod pi;
+mod raise;
+mod s2attn;
+pub mod trainable;
 
 use crate::ir::{self, Graph};
 use crate::{Error, Result};
@@ -68,11 +75,15 @@ impl std::fmt::Display for Report {
 
 /// The passes lcc knows: name and a one-line description.
 pub const REGISTRY: &[(&str, &str)] = &[
+    ("raise", "finds LLaMA structure in primitive ONNX graphs and raises it to LLaMA-level ops"),
+    ("pi", "RoPE position interpolation (linear) and the dynamic, yarn and llama3 scalings"),
+    ("s2attn", "shifted sparse attention (LongLoRA S²-Attn) for training; inference: true restores full attention"),
+    ("lora", "adds LoRA branches (PEFT names and init) to the target projections"),
+    ("trainable", "marks weights trainable by pattern (default: embed, norm); freezes the rest"),
+    ("merge-lora", "folds LoRA branches into the base weights"),
+    ("fold", "constant folding: evaluates nodes whose inputs are all constants"),
+    ("cse", "common subexpression elimination: merges identical nodes"),
     ("dce", "dead code elimination: drops nodes no output needs"),
-    (
-        "pi",
-        "RoPE position interpolation (linear) and the dynamic, yarn and llama3 scalings",
-    ),
 ];
 
 /// One pass of a pipeline with its options.
@@ -93,10 +104,15 @@ pub fn parse_options<T: DeserializeOwned>(pass: &str, options: &Map<String, Valu
 pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     let o = &spec.options;
     Ok(match spec.name.as_str() {
+        "raise" => Box::new(raise::Raise::new(parse_options(&spec.name, o)?)),
+        "pi" => Box::new(pi::PositionInterpolation::new(parse_options(&spec.name, o)?)?),
+        "s2attn" => Box::new(s2attn::ShiftedSparseAttention::new(parse_options(&spec.name, o)?)?),
+        "lora" => Box::new(lora::Lora::new(parse_options(&spec.name, o)?)),
+        "trainable" => Box::new(trainable::Trainable::new(parse_options(&spec.name, o)?)),
+        "merge-lora" => Box::new(merge_lora::MergeLora::new(parse_options(&spec.name, o)?)),
+        "fold" => Box::new(fold::ConstantFolding::new(parse_options(&spec.name, o)?)),
+        "cse" => Box::new(cse::CommonSubexpressionElimination::new(parse_options(&spec.name, o)?)),
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
-        "pi" => Box::new(pi::PositionInterpolation::new(parse_options(
-            &spec.name, o,
-        )?)?),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(

@@ -15,8 +15,8 @@
 
 use super::linalg::{finish, gemm_strided, numel_of, MatRef, Real};
 use crate::ir::{
-    AttentionAttrs, AttentionPattern, DType, OnnxAttentionAttrs, ReduceOp, RopeAttrs, Tensor,
-    TensorData,
+    AttentionAttrs, AttentionPattern, DType, GroupSize, OnnxAttentionAttrs, ReduceOp, RopeAttrs,
+    Tensor, TensorData,
 };
 use rayon::prelude::*;
 
@@ -1502,10 +1502,8 @@ pub fn attention(
     }
     let causal_offset = match attrs.pattern {
         AttentionPattern::FullCausal => Some(kv_len - q_len),
-        AttentionPattern::ShiftedSparse { .. } => {
-            return Err(format!(
-                "{OP} shifted sparse attention is not implemented on the CPU yet"
-            ))
+        AttentionPattern::ShiftedSparse { group, wrap } => {
+            return shifted_sparse_attention(q, k, v, attrs, group, wrap);
         }
     };
     fn run<T: Real>(
@@ -1550,6 +1548,161 @@ pub fn attention(
             q.dtype,
             q.shape.clone(),
             run(a, b, c, dims, attrs.scale, causal_offset),
+        )),
+        _ => Err(float_kind_error(OP, "q", q)),
+    }
+}
+
+/// LongLoRA's S²-Attn on `[batch, seq, heads*hd]` q/k/v (see
+/// `AttentionPattern::ShiftedSparse`): the first half of the heads attends
+/// causally within groups [0,G), [G,2G), …; the second half within
+/// [0,G/2), [G/2,3G/2), … or, with `wrap`, within G-groups of the sequence
+/// rolled by −G/2. Each group is one small causal problem for the tiled
+/// kernel, so memory stays linear in the length and only the tiles inside
+/// groups are computed (about G/L of full attention's work).
+fn shifted_sparse_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    attrs: &AttentionAttrs,
+    group: GroupSize,
+    wrap: bool,
+) -> Result<Tensor, String> {
+    const OP: &str = "Attention (shifted sparse)";
+    let (heads, kv_heads, hd) = (attrs.num_heads, attrs.num_kv_heads, attrs.head_dim);
+    if heads % 2 != 0 {
+        return Err(format!(
+            "{OP} splits the heads in halves, but there are {heads} (odd); use full causal attention for this model"
+        ));
+    }
+    let (batch, len) = (q.shape[0], q.shape[1]);
+    if k.shape[1] != len {
+        return Err(format!(
+            "{OP} is for training without a KV cache: q has {len} positions, k {} ({:?})",
+            k.shape[1], k.shape
+        ));
+    }
+    if len == 0 {
+        return Ok(q.clone());
+    }
+    let g = group.tokens(len);
+    if g > len {
+        return Err(format!(
+            "{OP}: the group size {g} exceeds the sequence length {len}; use sequences of at least {g} tokens or a smaller group_size"
+        ));
+    }
+    fn run<T: Real>(
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        (batch, heads, kv_heads, hd, len): (usize, usize, usize, usize, usize),
+        scale: f32,
+        (g, wrap): (usize, bool),
+    ) -> Vec<T> {
+        let shift = g / 2;
+        let (qw, kw) = (heads * hd, kv_heads * hd);
+        let roll = |t: &[T], width: usize, back: bool| -> Vec<T> {
+            let mut out = vec![T::ZERO; t.len()];
+            for b in 0..batch {
+                for p in 0..len {
+                    let i = (p + shift) % len;
+                    let (src, dst) = if back { (p, i) } else { (i, p) };
+                    let (s0, d0) = ((b * len + src) * width, (b * len + dst) * width);
+                    out[d0..d0 + width].copy_from_slice(&t[s0..s0 + width]);
+                }
+            }
+            out
+        };
+        let groups = |start: usize| -> Vec<(usize, usize)> {
+            let mut v = Vec::new();
+            if start > 0 {
+                v.push((0, start.min(len)));
+            }
+            let mut a = start;
+            while a < len {
+                v.push((a, (a + g).min(len)));
+                a += g;
+            }
+            v
+        };
+        let rolled = wrap.then(|| (roll(q, qw, false), roll(k, kw, false), roll(v, kw, false)));
+        let mut out = vec![T::ZERO; q.len()];
+        let mut shifted_out = wrap.then(|| vec![T::ZERO; q.len()]);
+        let per_kv = heads / kv_heads;
+        let half = heads / 2;
+        // One sub-problem per (kv head, head half, group): the query heads
+        // of one kv head that lie in one half are contiguous.
+        for kvh in 0..kv_heads {
+            let (h_lo, h_hi) = (kvh * per_kv, (kvh + 1) * per_kv);
+            for shifted in [false, true] {
+                let (a, b) = if shifted {
+                    (h_lo.max(half), h_hi)
+                } else {
+                    (h_lo, h_hi.min(half))
+                };
+                if a >= b {
+                    continue;
+                }
+                let (src_q, src_k, src_v, dst, bounds) = match (shifted, &rolled) {
+                    (false, _) => (q, k, v, &mut out, groups(0)),
+                    (true, None) => (q, k, v, &mut out, groups(shift)),
+                    (true, Some((rq, rk, rv))) => (
+                        &rq[..],
+                        &rk[..],
+                        &rv[..],
+                        shifted_out.as_mut().expect("allocated with wrap"),
+                        groups(0),
+                    ),
+                };
+                for (s, e) in bounds {
+                    let n = e - s;
+                    let p = AttnProblem {
+                        q: &src_q[s * qw + a * hd..],
+                        q_layout: HeadLayout::bshd(len, heads, hd),
+                        k: &src_k[s * kw + kvh * hd..],
+                        k_layout: HeadLayout::bshd(len, kv_heads, hd),
+                        v: &src_v[s * kw + kvh * hd..],
+                        v_layout: HeadLayout::bshd(len, kv_heads, hd),
+                        batch,
+                        q_heads: b - a,
+                        kv_heads: 1,
+                        q_len: n,
+                        kv_len: n,
+                        head_dim: hd,
+                        v_head_dim: hd,
+                        scale: T::from_f64(scale as f64),
+                        softcap: T::ZERO,
+                        causal_offset: Some(0),
+                        bias: None,
+                    };
+                    flash_attention(
+                        &p,
+                        &mut dst[s * qw + a * hd..],
+                        HeadLayout::bshd(len, heads, hd),
+                    );
+                }
+            }
+        }
+        if let Some(so) = shifted_out {
+            let back = roll(&so, qw, true);
+            for row in 0..batch * len {
+                let r = row * qw + half * hd;
+                out[r..(row + 1) * qw].copy_from_slice(&back[r..(row + 1) * qw]);
+            }
+        }
+        out
+    }
+    let dims = (batch, heads, kv_heads, hd, len);
+    match (&q.data, &k.data, &v.data) {
+        (TensorData::F32(a), TensorData::F32(b), TensorData::F32(c)) => Ok(finish(
+            q.dtype,
+            q.shape.clone(),
+            run(a, b, c, dims, attrs.scale, (g, wrap)),
+        )),
+        (TensorData::F64(a), TensorData::F64(b), TensorData::F64(c)) => Ok(finish(
+            q.dtype,
+            q.shape.clone(),
+            run(a, b, c, dims, attrs.scale, (g, wrap)),
         )),
         _ => Err(float_kind_error(OP, "q", q)),
     }
