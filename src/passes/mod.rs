@@ -14,6 +14,9 @@
 //! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
 
 mod dce;
+pub mod lora;
+pub mod merge_lora;
+pub mod trainable;
 
 use crate::ir::{self, Graph};
 use crate::{Error, Result};
@@ -66,8 +69,21 @@ impl std::fmt::Display for Report {
 }
 
 /// The passes lcc knows: name and a one-line description.
-pub const REGISTRY: &[(&str, &str)] =
-    &[("dce", "dead code elimination: drops nodes no output needs")];
+pub const REGISTRY: &[(&str, &str)] = &[
+    ("dce", "dead code elimination: drops nodes no output needs"),
+    (
+        "lora",
+        "adds LoRA branches (PEFT names and init) to the target projections",
+    ),
+    (
+        "trainable",
+        "marks weights trainable by pattern (default: embed, norm); freezes the rest",
+    ),
+    (
+        "merge-lora",
+        "folds LoRA branches into their base weights: W + scale·B·A",
+    ),
+];
 
 /// One pass of a pipeline with its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +104,9 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     let o = &spec.options;
     Ok(match spec.name.as_str() {
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
+        "lora" => Box::new(lora::Lora::new(parse_options(&spec.name, o)?)),
+        "trainable" => Box::new(trainable::Trainable::new(parse_options(&spec.name, o)?)),
+        "merge-lora" => Box::new(merge_lora::MergeLora::new(parse_options(&spec.name, o)?)),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(
