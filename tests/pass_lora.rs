@@ -445,3 +445,129 @@ fn lora_graph_exports_to_onnx_and_runs_in_onnxruntime() {
         1e-4,
     );
 }
+
+/// Writes the adapter that `save_adapter` makes, for checking by hand that
+/// PEFT loads it: `LCC_KEEP_ADAPTER=DIR cargo test --test pass_lora keep`.
+#[test]
+fn keep_saved_adapter_for_peft() {
+    let Some(dir) = std::env::var_os("LCC_KEEP_ADAPTER") else {
+        return;
+    };
+    let mut g = tiny_graph();
+    run_passes(
+        &mut g,
+        "passes: [lora: {targets: [q, v, down], rank: 4, alpha: 8, rslora: true, seed: 3}]",
+    );
+    // Give B values so that the adapter changes the output.
+    for w in g.weights.iter().map(|w| w.name.clone()).collect::<Vec<_>>() {
+        if w.ends_with("lora_B.weight") {
+            let shape = g.weights.get(&w).unwrap().shape.clone();
+            let n: usize = shape.iter().product();
+            let t = Tensor::f32(
+                shape,
+                (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect(),
+            );
+            g.weights.insert(lcc::ir::Weight::from_tensor(&w, &t, true));
+        }
+    }
+    let dir = PathBuf::from(dir);
+    save_adapter(&g, &dir).unwrap();
+    lcc::hf::write_tensors(
+        &dir.join("lcc_logits_s7.safetensors"),
+        &[("logits".into(), logits(&g))],
+    )
+    .unwrap();
+}
+
+/// A LoraLinear with a bias, built by hand: the CPU kernel against the
+/// formula, and its ONNX lowering in onnxruntime.
+#[test]
+fn lora_linear_with_bias_matches_the_formula() {
+    use lcc::ir::{DType, Dim, LoraAttrs, TensorType, Weight};
+    let (in_f, out_f, rank) = (5usize, 3usize, 2usize);
+    let vals = |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin()).collect() };
+    let mut g = Graph::new();
+    let x = g.add_input(
+        "x",
+        TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::Fixed(in_f as u64)]),
+    );
+    let w = Tensor::f32(vec![out_f, in_f], vals(out_f * in_f, 0.7));
+    let a = Tensor::f32(vec![rank, in_f], vals(rank * in_f, 1.3));
+    let b = Tensor::f32(vec![out_f, rank], vals(out_f * rank, 2.1));
+    let bias = Tensor::f32(vec![out_f], vec![0.5, -0.25, 1.0]);
+    for (name, t) in [("w", &w), ("a", &a), ("b", &b), ("bias", &bias)] {
+        g.weights.insert(Weight::from_tensor(name, t, false));
+    }
+    let ins = [
+        x,
+        g.weight_value("w").unwrap(),
+        g.weight_value("a").unwrap(),
+        g.weight_value("b").unwrap(),
+        g.weight_value("bias").unwrap(),
+    ];
+    let attrs = LoraAttrs {
+        rank,
+        alpha: 3.0,
+        rslora: true,
+        dropout: 0.1,
+    };
+    let y = g
+        .add(
+            "proj",
+            Op::LoraLinear(attrs.clone()),
+            &ins,
+            Some(TensorType::new(
+                DType::F32,
+                vec![Dim::sym("batch"), Dim::Fixed(out_f as u64)],
+            )),
+        )
+        .unwrap();
+    g.outputs.push(("y".into(), y));
+    lcc::ir::verify(&g).unwrap();
+    assert!(print(&g)
+        .unwrap()
+        .contains("= LoraLinear{rank=2, alpha=3.0, rslora=1, dropout=0.1}(%x, @w, @a, @b, @bias) : f32[batch,3]"));
+    let xs = Tensor::f32(vec![4, in_f], vals(4 * in_f, 0.37));
+    let inputs: HashMap<String, Tensor> = [("x".to_string(), xs.clone())].into();
+    let got = lcc::runtime::cpu::run(&g, &inputs)
+        .unwrap()
+        .remove("y")
+        .unwrap();
+    // y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ + bias, scale = alpha/√rank.
+    let scale = 3.0 / (2f64).sqrt();
+    let (xv, wv, av, bv) = (
+        xs.to_f64_vec(),
+        w.to_f64_vec(),
+        a.to_f64_vec(),
+        b.to_f64_vec(),
+    );
+    let mut want = Vec::new();
+    for r in 0..4 {
+        let row = &xv[r * in_f..(r + 1) * in_f];
+        let down: Vec<f64> = (0..rank)
+            .map(|k| (0..in_f).map(|i| row[i] * av[k * in_f + i]).sum())
+            .collect();
+        for o in 0..out_f {
+            let base: f64 = (0..in_f).map(|i| row[i] * wv[o * in_f + i]).sum();
+            let up: f64 = (0..rank).map(|k| down[k] * bv[o * rank + k]).sum();
+            want.push((base + scale * up + bias.to_f64_vec()[o]) as f32);
+        }
+    }
+    let want = Tensor::f32(vec![4, out_f], want);
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-5, "{d}");
+
+    let Some(py) = common::python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("lora_bias.onnx");
+    lcc::onnx::save(&g, &model, &lcc::onnx::ExportOptions::default()).unwrap();
+    let (inp, exp) = (
+        tmp.path().join("in.safetensors"),
+        tmp.path().join("out.safetensors"),
+    );
+    lcc::hf::write_tensors(&inp, &[("x".into(), xs)]).unwrap();
+    lcc::hf::write_tensors(&exp, &[("y".into(), got)]).unwrap();
+    common::check_with_onnxruntime(&py, &model, &inp, &exp, 1e-5);
+}

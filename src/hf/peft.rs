@@ -342,6 +342,14 @@ pub fn save_adapter(graph: &Graph, dir: &Path) -> Result<()> {
     };
     modules.sort();
     names.sort();
+    // As PEFT writes them: an integral alpha as an integer, the dropout's
+    // shortest decimal (0.05, not 0.0500000007).
+    let alpha = if attrs.alpha.fract() == 0.0 && attrs.alpha.abs() < 1e15 {
+        json!(attrs.alpha as i64)
+    } else {
+        json!(attrs.alpha)
+    };
+    let dropout: f64 = attrs.dropout.to_string().parse().unwrap_or(0.0);
     let mut weights: Vec<&Weight> = Vec::with_capacity(names.len());
     for name in &names {
         let w = graph.weights.get(name).ok_or_else(|| {
@@ -367,8 +375,8 @@ pub fn save_adapter(graph: &Graph, dir: &Path) -> Result<()> {
         "init_lora_weights": true,
         "layers_pattern": null,
         "layers_to_transform": null,
-        "lora_alpha": attrs.alpha,
-        "lora_dropout": attrs.dropout,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": attrs.rank,

@@ -22,7 +22,7 @@ pub fn lower(graph: &Graph, opset: i64) -> Result<Graph> {
     let mut g = graph.clone();
     let order = g.topo_order()?;
     for n in order {
-        if !g.node(n).op.is_llama_level() && !matches!(g.node(n).op, Op::LoraLinear(_)) {
+        if !g.node(n).op.is_llama_level() {
             continue;
         }
         let node = g.node(n).clone();
