@@ -270,14 +270,9 @@ pub fn apply_adapter(graph: &mut Graph, adapter: &Adapter) -> Result<Report> {
                     "{what}: tensor '{name}' belongs to no LoRA branch of the model (is the adapter for another model, or are its target_modules wrong?)"
                 )));
             }
+            // The lora pass made A and B f32; they stay f32 whatever the
+            // file held (read_tensors decodes f16/bf16 to f32 values).
             replace_values(graph, name, t, true, &what)?;
-            if let Some(w) = graph.weights.get(name) {
-                // A and B stay f32 whatever the file held.
-                if w.dtype != DType::F32 {
-                    let f = w.to_tensor()?;
-                    graph.weights.insert(Weight::from_tensor(name, &f, true));
-                }
-            }
         } else {
             replace_values(graph, strip_peft_prefix(name), t, true, &what)?;
             replaced += 1;
