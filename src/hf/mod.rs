@@ -13,6 +13,7 @@
 
 mod builder;
 mod config;
+pub mod peft;
 mod safetensors;
 
 pub use builder::{build_llama, expected_weights, shape_only_weights, CONFIG_PROP, IGNORED_PROP};

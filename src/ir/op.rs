@@ -404,6 +404,7 @@ impl Op {
                 | Op::Attention(_)
                 | Op::Linear
                 | Op::SwiGlu
+                | Op::LoraLinear(_)
         )
     }
 

@@ -57,6 +57,14 @@ pub fn lower(graph: &Graph, opset: i64) -> Result<Graph> {
                     None => y,
                 }
             }
+            Op::LoraLinear(l) => b.lora_linear(
+                input(0)?,
+                input(1)?,
+                input(2)?,
+                input(3)?,
+                ins.get(4).copied().flatten(),
+                l.scale(),
+            )?,
             Op::SwiGlu => {
                 let gate = input(0)?;
                 let s = b.op(Op::Unary(UnaryOp::Sigmoid), &[gate])?;
@@ -140,6 +148,41 @@ impl Builder<'_> {
             return Ok(v);
         }
         self.op(Op::Cast { to }, &[v])
+    }
+
+    /// `x·Wᵀ + (x·Aᵀ)·Bᵀ·scale (+ bias)`; A and B keep their PEFT names and
+    /// layouts (`[rank, in]`, `[out, rank]`) and are transposed in the graph.
+    fn lora_linear(
+        &mut self,
+        x: Value,
+        w: Value,
+        a: Value,
+        b: Value,
+        bias: Option<Value>,
+        scale: f32,
+    ) -> Result<Value> {
+        let t = |s: &mut Self, v: Value| {
+            s.op(
+                Op::Transpose {
+                    perm: Some(vec![1, 0]),
+                },
+                &[v],
+            )
+        };
+        let wt = t(self, w)?;
+        let base = self.op(Op::MatMul, &[x, wt])?;
+        let at = t(self, a)?;
+        let down = self.op(Op::MatMul, &[x, at])?;
+        let bt = t(self, b)?;
+        let up = self.op(Op::MatMul, &[down, bt])?;
+        let dtype = self.dtype_of(x);
+        let s = self.floats(dtype, vec![], vec![scale])?;
+        let scaled = self.op(Op::Binary(BinaryOp::Mul), &[up, s])?;
+        let y = self.op(Op::Binary(BinaryOp::Add), &[base, scaled])?;
+        match bias {
+            Some(bias) => self.op(Op::Binary(BinaryOp::Add), &[y, bias]),
+            None => Ok(y),
+        }
     }
 
     fn unsqueeze(&mut self, v: Value, axes: &[i64]) -> Result<Value> {

@@ -592,7 +592,14 @@ fn run_kernel(
         )?),
         Op::Linear => one(nn::linear(req(&ins, 0)?, req(&ins, 1)?, opt(&ins, 2))?),
         Op::SwiGlu => one(nn::swiglu(req(&ins, 0)?, req(&ins, 1)?)?),
-        Op::LoraLinear(_) => Err("LoraLinear is not implemented on the CPU yet".into()),
+        Op::LoraLinear(attrs) => one(nn::lora_linear(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            req(&ins, 2)?,
+            req(&ins, 3)?,
+            opt(&ins, 4),
+            attrs.scale(),
+        )?),
     }
 }
 

@@ -1804,6 +1804,89 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
+/// LoRA projection `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ (+ bias)` with W `[out, in]`,
+/// A `[rank, in]`, B `[out, rank]` (PEFT layouts), all read through
+/// transposed views (no copy of W). Inference only: no dropout.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    lora_a: &Tensor,
+    lora_b: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f32,
+) -> Result<Tensor, String> {
+    const OP: &str = "LoraLinear";
+    let (out_f, in_f) = match *weight.shape.as_slice() {
+        [o, i] => (o, i),
+        _ => {
+            return Err(format!(
+                "{OP} weight must be 2-D [out, in], got {:?}",
+                weight.shape
+            ))
+        }
+    };
+    let rank = match *lora_a.shape.as_slice() {
+        [r, i] if i == in_f => r,
+        _ => {
+            return Err(format!(
+                "{OP} lora_A must be [rank, {in_f}] (in-features of weight {:?}), got {:?}",
+                weight.shape, lora_a.shape
+            ))
+        }
+    };
+    if lora_b.shape != [out_f, rank] {
+        return Err(format!(
+            "{OP} lora_B must be [{out_f}, {rank}] (out-features × rank of lora_A {:?}), got {:?}",
+            lora_a.shape, lora_b.shape
+        ));
+    }
+    if !same_data_kind(x, lora_a) || !same_data_kind(x, lora_b) {
+        return Err(format!(
+            "{OP} input ({}), lora_A ({}) and lora_B ({}) must have the same type",
+            x.dtype, lora_a.dtype, lora_b.dtype
+        ));
+    }
+    let mut y = linear(x, weight, bias)?;
+    let down = linear(x, lora_a, None)?;
+    let rows: usize = x.shape[..x.rank() - 1].iter().product();
+    #[allow(clippy::too_many_arguments)]
+    fn up<T: Real>(
+        y: &mut [T],
+        down: &[T],
+        b: &[T],
+        rows: usize,
+        rank: usize,
+        out_f: usize,
+        scale: f32,
+        dtype: DType,
+    ) {
+        gemm_strided(
+            rows,
+            out_f,
+            rank,
+            y,
+            out_f,
+            true,
+            MatRef::row_major(down, 0, rank),
+            MatRef::row_major(b, 0, rank).t(),
+            T::from_f64(scale as f64),
+            true,
+        );
+        T::round_storage(dtype, y);
+    }
+    let dtype = y.dtype;
+    match (&mut y.data, &down.data, &lora_b.data) {
+        (TensorData::F32(y), TensorData::F32(d), TensorData::F32(b)) => {
+            up(y, d, b, rows, rank, out_f, scale, dtype)
+        }
+        (TensorData::F64(y), TensorData::F64(d), TensorData::F64(b)) => {
+            up(y, d, b, rows, rank, out_f, scale, dtype)
+        }
+        _ => return Err(float_kind_error(OP, "input", x)),
+    }
+    Ok(y)
+}
+
 /// `silu(gate) · up` with `silu(g) = g / (1 + exp(-g))`; shapes must match.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, String> {
     const OP: &str = "SwiGlu";
