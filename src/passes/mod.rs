@@ -14,6 +14,7 @@
 //! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
 
 mod dce;
+mod raise;
 
 use crate::ir::{self, Graph};
 use crate::{Error, Result};
@@ -66,8 +67,13 @@ impl std::fmt::Display for Report {
 }
 
 /// The passes lcc knows: name and a one-line description.
-pub const REGISTRY: &[(&str, &str)] =
-    &[("dce", "dead code elimination: drops nodes no output needs")];
+pub const REGISTRY: &[(&str, &str)] = &[
+    ("dce", "dead code elimination: drops nodes no output needs"),
+    (
+        "raise",
+        "finds LLaMA structure in primitive ONNX graphs and raises it to LLaMA-level ops",
+    ),
+];
 
 /// One pass of a pipeline with its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +94,7 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     let o = &spec.options;
     Ok(match spec.name.as_str() {
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
+        "raise" => Box::new(raise::Raise::new(parse_options(&spec.name, o)?)),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(
@@ -150,18 +157,19 @@ impl Pipeline {
                 },
                 Value::Object(m) if m.len() == 1 => {
                     let (name, opts) = m.iter().next().unwrap();
-                    let options =
-                        match opts {
-                            Value::Object(o) => o.clone(),
-                            Value::Null => Map::new(),
-                            other => return Err(Error::format(
+                    let options = match opts {
+                        Value::Object(o) => o.clone(),
+                        Value::Null => Map::new(),
+                        other => {
+                            return Err(Error::format(
                                 source,
                                 format!(
                                     "pass {} ('{name}'): options must be a mapping, got {other}",
                                     i + 1
                                 ),
-                            )),
-                        };
+                            ))
+                        }
+                    };
                     PassSpec {
                         name: name.clone(),
                         options,

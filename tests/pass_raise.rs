@@ -1,0 +1,117 @@
+//! The `raise` pass on the three torch exports of the tiny model: the raised
+//! graph prints exactly like the graph the Hugging Face builder makes from
+//! the HF dir, and still gives torch's logits.
+
+mod common;
+
+use common::*;
+use lcc::ir::{BinaryOp, DType, Graph, Op, Tensor, TensorType};
+use lcc::passes::{Pipeline, Report, RunOptions};
+use lcc::runtime::{cpu::CpuBackend, Backend};
+use std::collections::HashMap;
+
+const TOL: f64 = 1e-4;
+
+fn raise(graph: &mut Graph) -> Report {
+    let reports = Pipeline::from_names("raise")
+        .unwrap()
+        .run(graph, &RunOptions { verify: true }, |_, _| {})
+        .unwrap();
+    reports.into_iter().next().unwrap()
+}
+
+fn check_export(file: &str) {
+    let mut graph = lcc::model::load(&tiny().join(file)).unwrap();
+    let report = raise(&mut graph);
+    eprintln!("{file}: {report}");
+    let hf = lcc::model::load(&tiny().join("hf")).unwrap();
+    let got = lcc::ir::print(&graph).unwrap();
+    let want = lcc::ir::print(&hf).unwrap();
+    assert_eq!(got, want, "{file}: raised graph differs from the HF graph");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("15 Linear weights") && n.contains("transposed")),
+        "{:?}",
+        report.notes
+    );
+    // The reconstructed config builds the same model.
+    let cfg = graph
+        .meta
+        .prop(lcc::hf::CONFIG_PROP)
+        .expect("hf.config set");
+    let cfg = lcc::hf::LlamaConfig::from_json_str(cfg, std::path::Path::new("hf.config")).unwrap();
+    assert_eq!(
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size),
+        (256, 64, 128)
+    );
+    assert_eq!(
+        (
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim
+        ),
+        (2, 4, 2, 16)
+    );
+    assert_eq!((cfg.rope_theta, cfg.rms_norm_eps), (10000.0, 1e-5));
+    // Weights have the HF values, not only the HF names and shapes.
+    for w in hf.weights.iter() {
+        let a = w.to_tensor().unwrap();
+        let b = graph.weights.get(&w.name).unwrap().to_tensor().unwrap();
+        assert!(
+            max_abs_diff(&a, &b) == 0.0,
+            "{file}: weight {} differs",
+            w.name
+        );
+    }
+    for seq in [7, 16] {
+        let inputs = read(&tiny().join(format!("inputs_s{seq}.safetensors")));
+        let expected = read(&tiny().join(format!("logits_s{seq}.safetensors")));
+        let out: HashMap<String, Tensor> = CpuBackend::new().run(&graph, &inputs).unwrap();
+        let d = max_abs_diff(&out["logits"], &expected["logits"]);
+        eprintln!("{file} seq {seq}: raised logits max abs diff vs torch {d:.2e}");
+        assert!(d <= TOL, "{file}: seq {seq}: {d:e} > {TOL:e}");
+    }
+    // A second run finds nothing to do.
+    let again = raise(&mut graph);
+    assert_eq!(again.matched, 0);
+    assert_eq!(lcc::ir::print(&graph).unwrap(), want);
+}
+
+#[test]
+fn torchscript_opset17_raises_to_the_hf_graph() {
+    check_export(EXPORTS[0]);
+}
+
+#[test]
+fn dynamo_opset20_raises_to_the_hf_graph() {
+    check_export(EXPORTS[1]);
+}
+
+#[test]
+fn dynamo_opset23_fused_ops_raise_to_the_hf_graph() {
+    check_export(EXPORTS[2]);
+}
+
+#[test]
+fn a_graph_that_is_not_a_llama_is_left_unchanged() {
+    let mut g = Graph::new();
+    let ty = TensorType::fixed(DType::F32, &[2, 3]);
+    let a = g.add_input("a", ty.clone());
+    let b = g.add_input("b", ty.clone());
+    let s = g
+        .add("sum", Op::Binary(BinaryOp::Add), &[a, b], Some(ty))
+        .unwrap();
+    g.outputs.push(("y".into(), s));
+    let before = lcc::ir::print(&g).unwrap();
+    let report = raise(&mut g);
+    assert_eq!(lcc::ir::print(&g).unwrap(), before);
+    assert_eq!(report.matched, 0);
+    assert!(
+        report.notes.iter().any(|n| n.contains("no embedding")),
+        "{:?}",
+        report.notes
+    );
+}
