@@ -74,6 +74,15 @@ fn check_export(file: &str) {
         eprintln!("{file} seq {seq}: raised logits max abs diff vs torch {d:.2e}");
         assert!(d <= TOL, "{file}: seq {seq}: {d:e} > {TOL:e}");
     }
+    // The raised graph saves as a Hugging Face dir that loads back the same.
+    let dir = tempfile::tempdir().unwrap();
+    lcc::hf::save(&graph, dir.path()).unwrap();
+    let back = lcc::model::load(dir.path()).unwrap();
+    assert_eq!(
+        lcc::ir::print(&back).unwrap(),
+        want,
+        "{file}: HF dir round trip"
+    );
     // A second run finds nothing to do.
     let again = raise(&mut graph);
     assert_eq!(again.matched, 0);
@@ -114,4 +123,48 @@ fn a_graph_that_is_not_a_llama_is_left_unchanged() {
         "{:?}",
         report.notes
     );
+}
+
+#[test]
+fn an_unmatched_block_stays_primitive_with_a_note() {
+    // Break layer 1's MLP: its silu reads the gate through an extra Neg, so
+    // it is no longer SwiGLU. Layer 0 is raised, the rest stays primitive.
+    let mut graph = lcc::model::load(&tiny().join(EXPORTS[1])).unwrap();
+    let sigmoids: Vec<_> = graph
+        .g
+        .node_indices()
+        .filter(|&n| graph.node(n).op == Op::Unary(lcc::ir::UnaryOp::Sigmoid))
+        .collect();
+    assert_eq!(sigmoids.len(), 2);
+    let last = *sigmoids.iter().max().unwrap();
+    let gate = graph.inputs_of(last)[0].unwrap();
+    let neg = graph
+        .add("neg", Op::Unary(lcc::ir::UnaryOp::Neg), &[gate], None)
+        .unwrap();
+    let neg2 = graph
+        .add("neg2", Op::Unary(lcc::ir::UnaryOp::Neg), &[neg], None)
+        .unwrap();
+    graph.set_input(last, 0, Some(neg2));
+    let report = raise(&mut graph);
+    eprintln!("{report}");
+    let h = graph.op_histogram();
+    assert_eq!(h.get("Attention"), Some(&2), "{h:?}");
+    assert_eq!(h.get("SwiGlu"), Some(&1), "{h:?}");
+    assert_eq!(h.get("Linear"), Some(&11), "{h:?}");
+    assert_eq!(h.get("Sigmoid"), Some(&1), "{h:?}");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("layer 1 MLP not matched")),
+        "{:?}",
+        report.notes
+    );
+    assert!(graph.meta.prop(lcc::hf::CONFIG_PROP).is_none());
+    // Neg(Neg(x)) = x, so the logits are still torch's.
+    let inputs = read(&tiny().join("inputs_s7.safetensors"));
+    let expected = read(&tiny().join("logits_s7.safetensors"));
+    let out = CpuBackend::new().run(&graph, &inputs).unwrap();
+    let d = max_abs_diff(&out["logits"], &expected["logits"]);
+    assert!(d <= TOL, "{d:e}");
 }

@@ -340,12 +340,10 @@ fn match_norm_primitive(g: &Graph, x: Value, pow: NodeIndex) -> Option<Norm> {
         return None;
     }
     let scaled = only_user(g, out(inv))?;
-    if !is_binary(g, scaled, BinaryOp::Mul) || other_input(g, scaled, out(inv))? != x {
-        // `other_input` strips casts on the reader side only; compare stripped.
-        let other = other_input(g, scaled, out(inv))?;
-        if strip_casts(g, other) != x {
-            return None;
-        }
+    if !is_binary(g, scaled, BinaryOp::Mul)
+        || strip_casts(g, other_input(g, scaled, out(inv))?) != x
+    {
+        return None;
     }
     let times_w = only_user(g, out(scaled))?;
     if !is_binary(g, times_w, BinaryOp::Mul) {
@@ -462,11 +460,13 @@ fn round_sig(x: f64) -> f64 {
     (x * mag).round() / mag
 }
 
-/// Theta and linear scaling from inv_freq[i] = theta^(-2i/d) / factor.
+/// Theta and linear scaling from inv_freq[i] = theta^(-2i/d) / factor (`inv` has at least 2 values).
 fn rope_from_inv_freq(inv: &[f64], heads: usize, head_dim: usize) -> Option<RopeAttrs> {
     let rotary_dim = 2 * inv.len();
-    let ratio = inv[1] / inv[0];
-    let theta = round_sig(ratio.powf(-(rotary_dim as f64) / 2.0));
+    // The widest ratio keeps the f32 noise from being raised to a high power.
+    let last = inv.len() - 1;
+    let ratio = inv[last] / inv[0];
+    let theta = round_sig(ratio.powf(-(rotary_dim as f64) / (2.0 * last as f64)));
     let factor = round_sig(1.0 / inv[0]);
     let scaling = if (factor - 1.0).abs() < 1e-6 {
         RopeScaling::None
@@ -694,6 +694,7 @@ struct Rewriter<'a> {
     batch: Dim,
     seq: Dim,
     transposed: usize,
+    added: usize,
 }
 
 impl Rewriter<'_> {
@@ -857,7 +858,7 @@ impl Rewriter<'_> {
             hidden,
         );
         p.replace(b.output, h);
-        self.g.apply(p)?;
+        self.added += self.g.apply(p)?.added;
         Ok(())
     }
 
@@ -891,7 +892,7 @@ impl Rewriter<'_> {
             hidden,
         );
         p.replace(b.output, h);
-        self.g.apply(p)?;
+        self.added += self.g.apply(p)?.added;
         Ok(())
     }
 
@@ -906,7 +907,7 @@ impl Rewriter<'_> {
         )?;
         let logits = self.linear(&mut p, n, &b.lm_head, "lm_head")?;
         p.replace(b.output, logits);
-        self.g.apply(p)?;
+        self.added += self.g.apply(p)?.added;
         Ok(())
     }
 
@@ -921,7 +922,7 @@ impl Rewriter<'_> {
             hidden,
         );
         p.replace(e.gather, h);
-        self.g.apply(p)?;
+        self.added += self.g.apply(p)?.added;
         Ok(())
     }
 }
@@ -1079,6 +1080,7 @@ impl Pass for Raise {
             batch,
             seq,
             transposed: 0,
+            added: 0,
         };
         // Later blocks first: each patch reads the (old) output of the block
         // before it, which stays alive until that block is replaced in turn.
@@ -1099,9 +1101,10 @@ impl Pass for Raise {
             report.matched += 1;
         }
         let transposed = rw.transposed;
+        report.nodes_added = rw.added;
         graph.remove_dead();
         let after = graph.g.node_count();
-        report.nodes_removed = before.saturating_sub(after);
+        report.nodes_removed = (before + report.nodes_added).saturating_sub(after);
         if transposed > 0 {
             report.notes.push(format!(
                 "{transposed} Linear weights were stored [in, out] and were transposed into [out, in] copies"
@@ -1117,5 +1120,30 @@ impl Pass for Raise {
             ));
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv_freq(theta: f64, dim: usize, factor: f64) -> Vec<f64> {
+        (0..dim / 2)
+            .map(|i| (theta.powf(-(2.0 * i as f64) / dim as f64) / factor) as f32 as f64)
+            .collect()
+    }
+
+    #[test]
+    fn theta_and_linear_factor_come_back_from_f32_inv_freq() {
+        let r = rope_from_inv_freq(&inv_freq(10000.0, 16, 1.0), 4, 16).unwrap();
+        assert_eq!((r.theta, r.rotary_dim), (10000.0, 16));
+        assert_eq!(r.scaling, RopeScaling::None);
+        let r = rope_from_inv_freq(&inv_freq(500000.0, 128, 8.0), 32, 128).unwrap();
+        assert_eq!(r.theta, 500000.0);
+        assert_eq!(r.scaling, RopeScaling::Linear { factor: 8.0 });
+        // Frequencies scaled unevenly (llama3/yarn-like) are refused, not guessed.
+        let mut uneven = inv_freq(10000.0, 16, 1.0);
+        uneven[7] /= 4.0;
+        assert!(rope_from_inv_freq(&uneven, 4, 16).is_none());
     }
 }
