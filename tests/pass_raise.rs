@@ -168,3 +168,35 @@ fn an_unmatched_block_stays_primitive_with_a_note() {
     let d = max_abs_diff(&out["logits"], &expected["logits"]);
     assert!(d <= TOL, "{d:e}");
 }
+
+#[test]
+fn attention_without_a_causal_mask_is_not_raised() {
+    // Drop the mask Add before every Softmax: that is bidirectional
+    // attention, which Attention{full_causal} would get wrong.
+    let mut graph = lcc::model::load(&tiny().join(EXPORTS[1])).unwrap();
+    let softmaxes: Vec<_> = graph
+        .g
+        .node_indices()
+        .filter(|&n| matches!(graph.node(n).op, Op::Softmax { .. }))
+        .collect();
+    for s in softmaxes {
+        let add = graph.inputs_of(s)[0].unwrap().node;
+        assert_eq!(graph.node(add).op, Op::Binary(BinaryOp::Add));
+        let scores = graph.inputs_of(add)[0].unwrap();
+        graph.set_input(s, 0, Some(scores));
+    }
+    graph.remove_dead();
+    let report = raise(&mut graph);
+    let h = graph.op_histogram();
+    assert!(!h.contains_key("Attention"), "{h:?}");
+    assert!(!h.contains_key("Embedding"), "{h:?}");
+    assert_eq!(h.get("Softmax"), Some(&2), "{h:?}");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("layer 0 attention not matched") && n.contains("causal mask")),
+        "{:?}",
+        report.notes
+    );
+}

@@ -409,6 +409,32 @@ fn match_residual(g: &Graph, x: Value, branch: Value) -> Option<Value> {
     (strip_casts(g, other) == x).then(|| out(add))
 }
 
+/// A mask built by comparing positions (Range/LessOrEqual/Where, the dynamo
+/// exporter's CumSum/GatherND packed-sequence logic) or by Trilu: it depends
+/// only on the input ids' shape and compares or triangulates. Whether it is
+/// exactly causal is not proven; padding masks would read an attention_mask
+/// input, which these graphs do not have.
+fn is_causal_mask(g: &Graph, mask: Value) -> bool {
+    let closure = backward_closure(g, mask, &HashSet::new());
+    let compares = closure.iter().any(|&n| {
+        matches!(
+            g.node(n).op,
+            Op::Trilu { .. }
+                | Op::Binary(
+                    BinaryOp::LessOrEqual
+                        | BinaryOp::Less
+                        | BinaryOp::Greater
+                        | BinaryOp::GreaterOrEqual
+                )
+        )
+    });
+    // A mask may read the embedding's shape, never a projection's values.
+    let reads_activations = closure
+        .iter()
+        .any(|&n| matches!(g.node(n).op, Op::MatMul | Op::Softmax { .. }));
+    compares && !reads_activations
+}
+
 /// The projection among `projs` that `v` depends on, if exactly one.
 fn source_projection<'p>(
     g: &Graph,
@@ -516,7 +542,7 @@ fn match_attention_block(g: &Graph, x: Value) -> std::result::Result<AttentionBl
                 v_in,
                 out(core),
                 a.scale.map(f64::from),
-                a.is_causal || input(g, core, 3).is_some(),
+                a.is_causal || input(g, core, 3).is_some_and(|m| is_causal_mask(g, m)),
             )
         }
         _ => {
@@ -541,8 +567,9 @@ fn match_attention_block(g: &Graph, x: Value) -> std::result::Result<AttentionBl
                         if a_qk == b_qk {
                             return Err("scores Add without a mask operand".into());
                         }
-                        mask = true;
-                        cur = if a_qk { a } else { b };
+                        let (scores, m) = if a_qk { (a, b) } else { (b, a) };
+                        mask |= is_causal_mask(g, m);
+                        cur = scores;
                     }
                     Op::Binary(op @ (BinaryOp::Mul | BinaryOp::Div)) => {
                         let (a, b) = (input(g, n, 0).ok_or("Mul")?, input(g, n, 1).ok_or("Mul")?);
