@@ -13,7 +13,9 @@
 //! and any option can be overridden with `--set pass.option=value` (the value
 //! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
 
+mod cse;
 mod dce;
+mod fold;
 
 use crate::ir::{self, Graph};
 use crate::{Error, Result};
@@ -66,8 +68,17 @@ impl std::fmt::Display for Report {
 }
 
 /// The passes lcc knows: name and a one-line description.
-pub const REGISTRY: &[(&str, &str)] =
-    &[("dce", "dead code elimination: drops nodes no output needs")];
+pub const REGISTRY: &[(&str, &str)] = &[
+    ("dce", "dead code elimination: drops nodes no output needs"),
+    (
+        "fold",
+        "constant folding: evaluates nodes whose inputs are all constants",
+    ),
+    (
+        "cse",
+        "common subexpression elimination: merges identical nodes",
+    ),
+];
 
 /// One pass of a pipeline with its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +99,10 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     let o = &spec.options;
     Ok(match spec.name.as_str() {
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
+        "fold" => Box::new(fold::ConstantFolding::new(parse_options(&spec.name, o)?)),
+        "cse" => Box::new(cse::CommonSubexpressionElimination::new(parse_options(
+            &spec.name, o,
+        )?)),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(
@@ -150,18 +165,19 @@ impl Pipeline {
                 },
                 Value::Object(m) if m.len() == 1 => {
                     let (name, opts) = m.iter().next().unwrap();
-                    let options =
-                        match opts {
-                            Value::Object(o) => o.clone(),
-                            Value::Null => Map::new(),
-                            other => return Err(Error::format(
+                    let options = match opts {
+                        Value::Object(o) => o.clone(),
+                        Value::Null => Map::new(),
+                        other => {
+                            return Err(Error::format(
                                 source,
                                 format!(
                                     "pass {} ('{name}'): options must be a mapping, got {other}",
                                     i + 1
                                 ),
-                            )),
-                        };
+                            ))
+                        }
+                    };
                     PassSpec {
                         name: name.clone(),
                         options,
