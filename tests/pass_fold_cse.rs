@@ -199,3 +199,63 @@ fn fold_cse_dce_shrink_the_torch_exports_and_keep_their_logits() {
         assert_eq!(ir::print(&folded).unwrap(), printed, "{export}");
     }
 }
+
+#[test]
+fn large_results_and_trainable_weights_are_not_folded() {
+    use lcc::ir::Weight;
+    let mut g = Graph::new();
+    // ConstantOfShape([512, 1024]) is 2 MiB of f32: over the 1 MiB default.
+    let big_shape = constant(&mut g, "big_shape", Tensor::i64(vec![2], vec![512, 1024]));
+    let small_shape = constant(&mut g, "small_shape", Tensor::i64(vec![1], vec![4]));
+    let big = g
+        .add(
+            "big",
+            Op::ConstantOfShape { value: None },
+            &[big_shape],
+            Some(TensorType::fixed(DType::F32, &[512, 1024])),
+        )
+        .unwrap();
+    let small = g
+        .add(
+            "small",
+            Op::ConstantOfShape { value: None },
+            &[small_shape],
+            Some(TensorType::fixed(DType::F32, &[4])),
+        )
+        .unwrap();
+    let t = Tensor::f32(vec![4], vec![1.0, 2.0, 3.0, 4.0]);
+    g.weights.insert(Weight::from_tensor("frozen", &t, false));
+    g.weights.insert(Weight::from_tensor("trained", &t, true));
+    let frozen = g.weight_value("frozen").unwrap();
+    let trained = g.weight_value("trained").unwrap();
+    let ty = Some(TensorType::fixed(DType::F32, &[4]));
+    let nf = g
+        .add("nf", Op::Unary(UnaryOp::Neg), &[frozen], ty.clone())
+        .unwrap();
+    let nt = g
+        .add("nt", Op::Unary(UnaryOp::Neg), &[trained], ty.clone())
+        .unwrap();
+    let s = g
+        .add(
+            "s",
+            Op::Variadic(lcc::ir::VariadicOp::Sum),
+            &[small, nf, nt],
+            ty,
+        )
+        .unwrap();
+    g.outputs.push(("big".into(), big));
+    g.outputs.push(("s".into(), s));
+    let r = run_pass("fold", &mut g);
+    // small and Neg(frozen) fold; big is too large; Neg(trained) and the Sum stay.
+    assert_eq!(r.matched, 2, "{r}");
+    assert!(r.notes.iter().any(|n| n.contains("max_bytes")), "{r}");
+    let text = ir::print(&g).unwrap();
+    assert!(text.contains("ConstantOfShape(%"), "{text}");
+    assert!(
+        text.contains("Constant{dtype=f32, shape=[4], value=[-1.0, -2.0, -3.0, -4.0]}()"),
+        "{text}"
+    );
+    assert!(text.contains("Neg(@trained)"), "{text}");
+    assert!(text.contains("weight @trained: f32[4] trainable"), "{text}");
+    assert_eq!(run_pass("fold", &mut g).matched, 0);
+}
