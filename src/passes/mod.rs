@@ -165,19 +165,18 @@ impl Pipeline {
                 },
                 Value::Object(m) if m.len() == 1 => {
                     let (name, opts) = m.iter().next().unwrap();
-                    let options = match opts {
-                        Value::Object(o) => o.clone(),
-                        Value::Null => Map::new(),
-                        other => {
-                            return Err(Error::format(
+                    let options =
+                        match opts {
+                            Value::Object(o) => o.clone(),
+                            Value::Null => Map::new(),
+                            other => return Err(Error::format(
                                 source,
                                 format!(
                                     "pass {} ('{name}'): options must be a mapping, got {other}",
                                     i + 1
                                 ),
-                            ))
-                        }
-                    };
+                            )),
+                        };
                     PassSpec {
                         name: name.clone(),
                         options,
