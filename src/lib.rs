@@ -4,6 +4,7 @@
 //! it, and it either goes out again (`onnx`/`hf` export) or is lowered and run
 //! by a [`runtime`] backend. Nothing downstream reaches back up.
 
+pub mod cost;
 pub mod error;
 pub mod hf;
 pub mod ir;

@@ -398,6 +398,23 @@ fn one(t: Tensor) -> std::result::Result<Vec<Arc<Tensor>>, String> {
     Ok(vec![Arc::new(t)])
 }
 
+/// Evaluates one op on host tensors (in port order, `None` = absent), with
+/// the same kernels the executor runs; for constant folding.
+pub(crate) fn eval_node(
+    op: &Op,
+    inputs: &[Option<&Tensor>],
+) -> std::result::Result<Vec<Tensor>, String> {
+    let ins: Ins = inputs
+        .iter()
+        .map(|t| t.map(|t| Arc::new(t.clone())))
+        .collect();
+    let outs = run_kernel(op, ins, op.num_outputs())?;
+    Ok(outs
+        .into_iter()
+        .map(|t| Arc::try_unwrap(t).unwrap_or_else(|t| (*t).clone()))
+        .collect())
+}
+
 /// Runs one node's kernel on its inputs (in port order, `None` = absent).
 fn run_kernel(
     op: &Op,
