@@ -36,6 +36,20 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long, conflicts_with = "print")]
         json: bool,
+        /// Print the cost model instead: parameters (total; trainable split into
+        /// LoRA, embedding, norm, other) and forward FLOPs (projections, MLP,
+        /// attention, lm_head), counted as the LongLoRA paper does.
+        #[arg(long, conflicts_with = "print", requires = "seq_len")]
+        cost: bool,
+        /// Sequence length for --cost.
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Batch size for --cost.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Passes to apply before --cost (e.g. pi,s2attn,lora,trainable).
+        #[command(flatten)]
+        pipeline: PipelineArgs,
     },
     /// Run the model's forward pass on the CPU.
     Exec {
@@ -69,6 +83,23 @@ enum Command {
     /// name: `*.onnx` or a directory).
     Convert {
         input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// When ONNX weights go to an external data file beside the model.
+        #[arg(long, value_enum, default_value_t = ExternalDataArg::Auto)]
+        external_data: ExternalDataArg,
+    },
+    /// Fold a PEFT adapter (and LongLoRA's trained embedding/norm weights) into
+    /// a base model and write the merged model.
+    Merge {
+        /// The base model (.onnx or Hugging Face directory).
+        model: PathBuf,
+        /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// LongLoRA's trainable_params.safetensors (embedding and norms).
+        #[arg(long)]
+        trainable: Option<PathBuf>,
         #[arg(short, long)]
         output: PathBuf,
         /// When ONNX weights go to an external data file beside the model.
@@ -115,7 +146,9 @@ impl PipelineArgs {
     fn build(&self) -> Result<passes::Pipeline> {
         let mut pipeline = match &self.pipeline {
             Some(p) => passes::Pipeline::from_yaml(&recipe_path(p))?,
-            None if !self.passes.is_empty() => passes::Pipeline::from_names(&self.passes.join(","))?,
+            None if !self.passes.is_empty() => {
+                passes::Pipeline::from_names(&self.passes.join(","))?
+            }
             None => bail!("name the passes to run: --passes pi,s2attn,lora or --pipeline RECIPE"),
         };
         for s in &self.set {
@@ -159,7 +192,24 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Inspect { model, print, json } => inspect(&model, print, json),
+        Command::Inspect {
+            model,
+            print,
+            json,
+            cost,
+            seq_len,
+            batch,
+            pipeline,
+        } => {
+            if cost {
+                inspect_cost(&model, seq_len.unwrap_or(0), batch, &pipeline, json)
+            } else {
+                if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
+                    bail!("--passes/--pipeline go with --cost (use `lcc rewrite` to apply passes)");
+                }
+                inspect(&model, print, json)
+            }
+        }
         Command::Exec {
             model,
             inputs,
@@ -177,6 +227,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             external_data,
         } => convert(&input, &output, external_data),
+        Command::Merge {
+            model,
+            adapter,
+            trainable,
+            output,
+            external_data,
+        } => {
+            let graph = hf::peft::merge(&model, &adapter, trainable.as_deref())?;
+            let format = model::save(&graph, &output, &export_options(external_data))
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "merged {} into {}; wrote {} ({})",
+                adapter.display(),
+                model.display(),
+                output.display(),
+                format.describe()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Rewrite {
             model,
             pipeline,
@@ -185,7 +254,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             explain,
             verify,
             external_data,
-        } => rewrite(&model, &pipeline, &output, &print_after, explain, verify, external_data),
+        } => rewrite(
+            &model,
+            &pipeline,
+            &output,
+            &print_after,
+            explain,
+            verify,
+            external_data,
+        ),
     }
 }
 
@@ -202,6 +279,31 @@ fn inspect(path: &Path, print: bool, json: bool) -> Result<ExitCode> {
         } else {
             write!(out, "{summary}")?;
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_cost(
+    path: &Path,
+    seq_len: usize,
+    batch: usize,
+    pipeline: &PipelineArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    if seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    let mut graph = model::load(path)?;
+    if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
+        pipeline
+            .build()?
+            .run(&mut graph, &passes::RunOptions::default(), |_, _| {})?;
+    }
+    let cost = lcc::cost::cost(&graph, seq_len, batch)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&cost)?);
+    } else {
+        print!("{}", lcc::cost::render(&cost));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,8 @@ fn every_recipe_builds() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let p = Pipeline::from_yaml(&path).unwrap_or_else(|e| panic!("{e}"));
-            p.build().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            p.build()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
     }

@@ -202,9 +202,8 @@ pub fn diff(a: &Graph, b: &Graph) -> Result<GraphDiff> {
     }
     let wty = |w: &super::Weight| {
         format!(
-            "{}{:?}{}",
-            w.dtype,
-            w.shape,
+            "{}{}",
+            super::TensorType::fixed(w.dtype, &w.shape),
             if w.trainable { " trainable" } else { "" }
         )
     };

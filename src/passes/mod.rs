@@ -105,17 +105,20 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     let o = &spec.options;
     Ok(match spec.name.as_str() {
         "raise" => Box::new(raise::Raise::new(parse_options(&spec.name, o)?)),
-        "pi" => Box::new(pi::PositionInterpolation::new(parse_options(&spec.name, o)?)?),
-        "s2attn" => Box::new(s2attn::ShiftedSparseAttention::new(parse_options(&spec.name, o)?)?),
+        "pi" => Box::new(pi::PositionInterpolation::new(parse_options(
+            &spec.name, o,
+        )?)?),
+        "s2attn" => Box::new(s2attn::ShiftedSparseAttention::new(parse_options(
+            &spec.name, o,
+        )?)?),
         "lora" => Box::new(lora::Lora::new(parse_options(&spec.name, o)?)),
         "trainable" => Box::new(trainable::Trainable::new(parse_options(&spec.name, o)?)),
         "merge-lora" => Box::new(merge_lora::MergeLora::new(parse_options(&spec.name, o)?)),
         "fold" => Box::new(fold::ConstantFolding::new(parse_options(&spec.name, o)?)),
-        "cse" => Box::new(cse::CommonSubexpressionElimination::new(parse_options(&spec.name, o)?)),
+        "cse" => Box::new(cse::CommonSubexpressionElimination::new(parse_options(
+            &spec.name, o,
+        )?)),
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
-        "lora" => Box::new(lora::Lora::new(parse_options(&spec.name, o)?)),
-        "trainable" => Box::new(trainable::Trainable::new(parse_options(&spec.name, o)?)),
-        "merge-lora" => Box::new(merge_lora::MergeLora::new(parse_options(&spec.name, o)?)),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(
