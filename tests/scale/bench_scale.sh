@@ -7,6 +7,9 @@
 #   - lcc inspect            targets: < 1 s wall, < 200 MB peak RSS
 #   - lcc convert HF → ONNX  (external data) target: bounded by writing speed,
 #                            < 500 MB peak RSS
+#   - lcc rewrite with the longlora-train recipe, written as ONNX with
+#                            external data (targets for 7B: passes < 2 s,
+#                            < 500 MB peak RSS; --explain prints per-pass times)
 # and prints a table.
 #
 # usage: tests/scale/bench_scale.sh [7b] [70b]     (default: both)
@@ -40,4 +43,8 @@ for size in "${sizes[@]}"; do
   ondisk=$(du -sh "$work/$size.onnx.data" 2>/dev/null | cut -f1 || echo "?")
   echo "|   external data: $apparent apparent, $ondisk on disk"
   rm -rf "$work/$size.onnx" "$work/$size.onnx.data"
+  measure "rewrite $size longlora-train" "$lcc" rewrite "$work/$size" --pipeline "$root/passes/longlora-train.yaml" \
+    --set pi.target_len=32768 -o "$work/$size-train.onnx" --external-data always --explain
+  sed -n 's/^\([a-z0-9-]*\): matched.* \([0-9.]* s\)$/|   pass \1: \2/p' "$work/time"
+  rm -rf "$work/$size-train.onnx" "$work/$size-train.onnx.data"
 done
