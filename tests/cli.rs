@@ -196,3 +196,79 @@ fn convert_moves_between_hf_and_onnx() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("LLaMA"), "{}", stderr(&o));
 }
+
+#[test]
+fn merge_writes_a_model_with_peft_logits_and_rewrite_explains_its_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    let hf = tiny().join("hf");
+    let adapter = fixtures().join("peft/adapter");
+    let o = lcc(&[
+        "merge",
+        hf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out.safetensors");
+    let o = lcc(&[
+        "exec",
+        merged.to_str().unwrap(),
+        "--inputs",
+        tiny().join("inputs_s7.safetensors").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = read(&fixtures().join("peft/logits_s7.safetensors"));
+    assert!(max_abs_diff(&read(&out)["logits"], &want["logits"]) <= 1e-4);
+
+    // LoRA branches have no place in a Hugging Face dir: a clear error.
+    let o = lcc(&[
+        "rewrite",
+        hf.to_str().unwrap(),
+        "--passes",
+        "lora",
+        "-o",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("merge-lora"), "{}", stderr(&o));
+
+    let o = lcc(&[
+        "rewrite",
+        hf.to_str().unwrap(),
+        "--passes",
+        "pi,lora,merge-lora",
+        "--set",
+        "pi.factor=2",
+        "--explain",
+        "-o",
+        dir.path().join("y").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("pi: matched 4"), "{err}");
+    assert!(err.contains("lora: matched 8"), "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("y/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["max_position_embeddings"], 512);
+
+    let o = lcc(&[
+        "rewrite",
+        hf.to_str().unwrap(),
+        "--passes",
+        "frobnicate",
+        "-o",
+        "/tmp/never",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown pass 'frobnicate'"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -128,6 +128,19 @@ pub fn save_with(graph: &Graph, dir: &Path, opts: &SaveOptions) -> Result<()> {
             dir.display()
         ))
     })?;
+    let lora = graph
+        .g
+        .node_weights()
+        .filter(|n| matches!(n.op, crate::ir::Op::LoraLinear(_)))
+        .count();
+    if lora > 0 {
+        return Err(Error::invalid(format!(
+            "the graph has {lora} LoRA branches, which a Hugging Face model directory cannot hold; \
+             fold them into the weights first (the merge-lora pass: --passes …,merge-lora), \
+             save them as a PEFT adapter, or write ONNX (*.onnx) instead of {}",
+            dir.display()
+        )));
+    }
     let mut cfg = LlamaConfig::from_json_str(text, Path::new("<graph property hf.config>"))?;
     if let Some(rope) = graph_rope(graph)? {
         cfg.set_rope(&rope);
