@@ -12,6 +12,7 @@ pub mod model;
 pub mod onnx;
 pub mod passes;
 pub mod runtime;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -306,6 +306,40 @@ pub enum Op {
     SwiGlu,
     /// Inputs: x, weight [out, in], lora_A [rank, in], lora_B [out, rank], [bias].
     LoraLinear(LoraAttrs),
+
+    // --- training (loss and backward ops, made by `autodiff`) -------------
+    /// Mean next-token cross-entropy. Inputs: logits [batch, seq, vocab],
+    /// labels i64 [batch, seq]. Position t is scored against label t+1 (the
+    /// last position predicts nothing); labels equal to `ignore_index` are
+    /// skipped. Output: f32 scalar, the mean over scored positions (0 when
+    /// there are none).
+    CrossEntropy {
+        ignore_index: i64,
+    },
+    /// Inputs: logits, labels, dloss (scalar) → dlogits (the shape of logits).
+    CrossEntropyGrad {
+        ignore_index: i64,
+    },
+    /// Attention that also returns the log-sum-exp of each query's scaled
+    /// scores, for the backward pass. Inputs: q, k, v (as `Attention`).
+    /// Outputs: out [batch, seq, heads*head_dim], lse f32 [batch, heads, seq].
+    AttentionFwd(AttentionAttrs),
+    /// Inputs: q, k, v, out, lse, dout → dq, dk, dv.
+    AttentionGrad(AttentionAttrs),
+    /// Inputs: x, weight, dy → dx, dweight.
+    RmsNormGrad {
+        eps: f32,
+    },
+    /// The transpose of `Rope` (rotation by −θ). Inputs: dy, [position_ids].
+    RopeGrad(RopeAttrs),
+    /// Inputs: gate, up, dy → dgate, dup.
+    SwiGluGrad,
+    /// Inputs: weight [vocab, hidden] (read for its shape), ids, dy
+    /// [batch, seq, hidden] → dweight [vocab, hidden] (rows scatter-added
+    /// in a fixed order).
+    EmbeddingGrad,
+    /// Inputs: x [..., in], dy [..., out] → dW [out, in] = Σ_rows dyᵀ·x.
+    LinearGradWeight,
 }
 
 impl Op {
@@ -391,6 +425,15 @@ impl Op {
             Op::Linear => "Linear",
             Op::SwiGlu => "SwiGlu",
             Op::LoraLinear(_) => "LoraLinear",
+            Op::CrossEntropy { .. } => "CrossEntropy",
+            Op::CrossEntropyGrad { .. } => "CrossEntropyGrad",
+            Op::AttentionFwd(_) => "AttentionFwd",
+            Op::AttentionGrad(_) => "AttentionGrad",
+            Op::RmsNormGrad { .. } => "RmsNormGrad",
+            Op::RopeGrad(_) => "RopeGrad",
+            Op::SwiGluGrad => "SwiGluGrad",
+            Op::EmbeddingGrad => "EmbeddingGrad",
+            Op::LinearGradWeight => "LinearGradWeight",
         }
     }
 
@@ -441,7 +484,33 @@ impl Op {
             Op::Linear => (2, 3),
             Op::SwiGlu => (2, 2),
             Op::LoraLinear(_) => (4, 5),
+            Op::CrossEntropy { .. } => (2, 2),
+            Op::CrossEntropyGrad { .. } => (3, 3),
+            Op::AttentionFwd(_) => (3, 3),
+            Op::AttentionGrad(_) => (6, 6),
+            Op::RmsNormGrad { .. } => (3, 3),
+            Op::RopeGrad(_) => (1, 2),
+            Op::SwiGluGrad => (3, 3),
+            Op::EmbeddingGrad => (3, 3),
+            Op::LinearGradWeight => (2, 2),
         }
+    }
+
+    /// True for the loss and backward ops, which only `autodiff` makes and
+    /// which no exporter writes.
+    pub fn is_training(&self) -> bool {
+        matches!(
+            self,
+            Op::CrossEntropy { .. }
+                | Op::CrossEntropyGrad { .. }
+                | Op::AttentionFwd(_)
+                | Op::AttentionGrad(_)
+                | Op::RmsNormGrad { .. }
+                | Op::RopeGrad(_)
+                | Op::SwiGluGrad
+                | Op::EmbeddingGrad
+                | Op::LinearGradWeight
+        )
     }
 
     /// Number of outputs.
@@ -449,6 +518,8 @@ impl Op {
         match self {
             Op::Split { num_outputs, .. } => *num_outputs,
             Op::OnnxAttention(at) => at.num_outputs,
+            Op::AttentionFwd(_) | Op::RmsNormGrad { .. } | Op::SwiGluGrad => 2,
+            Op::AttentionGrad(_) => 3,
             _ => 1,
         }
     }
@@ -589,8 +660,11 @@ impl Op {
                     a.push(("outputs", at.num_outputs.to_string()));
                 }
             }
-            Op::RmsNorm { eps } => a.push(("eps", f32s(*eps))),
-            Op::Rope(r) => {
+            Op::RmsNorm { eps } | Op::RmsNormGrad { eps } => a.push(("eps", f32s(*eps))),
+            Op::CrossEntropy { ignore_index } | Op::CrossEntropyGrad { ignore_index } => {
+                a.push(("ignore_index", ignore_index.to_string()))
+            }
+            Op::Rope(r) | Op::RopeGrad(r) => {
                 a.push(("heads", r.num_heads.to_string()));
                 a.push(("head_dim", r.head_dim.to_string()));
                 if r.rotary_dim != r.head_dim {
@@ -650,7 +724,7 @@ impl Op {
                     }
                 }
             }
-            Op::Attention(at) => {
+            Op::Attention(at) | Op::AttentionFwd(at) | Op::AttentionGrad(at) => {
                 a.push(("heads", at.num_heads.to_string()));
                 a.push(("kv_heads", at.num_kv_heads.to_string()));
                 a.push(("head_dim", at.head_dim.to_string()));

@@ -675,6 +675,13 @@ fn build_model(
                 attrs.push(attr_int("rotary_embedding_dim", *rotary_embedding_dim));
                 "RotaryEmbedding"
             }
+            op if op.is_training() => {
+                return Err(Error::invalid(format!(
+                    "node '{}' ({}) is a training op; training graphs run in lcc and are not exported to ONNX",
+                    g.display_name(n),
+                    op.name()
+                )))
+            }
             op if op.is_llama_level() => {
                 return Err(Error::invalid(format!(
                     "node '{}' ({}) is a LLaMA-level op left after lowering",

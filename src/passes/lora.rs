@@ -170,24 +170,6 @@ impl Lora {
     }
 }
 
-/// Deterministic uniform numbers (SplitMix64).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// torch's `kaiming_uniform_(w, a=√5)` on a `[rows, fan_in]` tensor (PEFT's
 /// and nn.Linear's init): gain = √(2/(1+a²)), bound = √3·gain/√fan_in, which
 /// is 1/√fan_in. The stream depends on `seed` and the weight's name only, so
@@ -197,7 +179,7 @@ pub fn kaiming_uniform(rows: usize, fan_in: usize, seed: u64, name: &str) -> Ten
     let gain = (2.0 / (1.0 + a * a)).sqrt();
     let std = gain / (fan_in.max(1) as f64).sqrt();
     let bound = 3f64.sqrt() * std;
-    let mut rng = SplitMix64(seed ^ crate::ir::tensor::fnv1a(name.as_bytes()));
+    let mut rng = crate::util::SplitMix64::new(seed ^ crate::ir::tensor::fnv1a(name.as_bytes()));
     let data = (0..rows * fan_in)
         .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
         .collect();

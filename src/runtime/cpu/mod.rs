@@ -7,8 +7,10 @@
 //! their input through without a copy, and a kernel whose input dies at
 //! this node may reuse its buffer (reshapes, unary and binary arithmetic).
 
+pub mod attention_grad;
 pub mod elementwise;
 mod erf;
+pub mod grad;
 pub mod layout;
 pub mod linalg;
 pub mod nn;
@@ -617,6 +619,50 @@ fn run_kernel(
             opt(&ins, 4),
             attrs.scale(),
         )?),
+
+        Op::CrossEntropy { ignore_index } => one(grad::cross_entropy(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            *ignore_index,
+        )?),
+        Op::CrossEntropyGrad { ignore_index } => one(grad::cross_entropy_grad(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            req(&ins, 2)?,
+            *ignore_index,
+        )?),
+        Op::AttentionFwd(attrs) => {
+            let (o, lse) =
+                attention_grad::attention_fwd(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?, attrs)?;
+            Ok(vec![Arc::new(o), Arc::new(lse)])
+        }
+        Op::AttentionGrad(attrs) => {
+            let (dq, dk, dv) = attention_grad::attention_grad(
+                req(&ins, 0)?,
+                req(&ins, 1)?,
+                req(&ins, 2)?,
+                req(&ins, 3)?,
+                req(&ins, 4)?,
+                req(&ins, 5)?,
+                attrs,
+            )?;
+            Ok(vec![Arc::new(dq), Arc::new(dk), Arc::new(dv)])
+        }
+        Op::RmsNormGrad { eps } => {
+            let (dx, dw) = grad::rms_norm_grad(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?, *eps)?;
+            Ok(vec![Arc::new(dx), Arc::new(dw)])
+        }
+        Op::RopeGrad(attrs) => one(grad::rope_grad(req(&ins, 0)?, opt(&ins, 1), attrs)?),
+        Op::SwiGluGrad => {
+            let (dg, du) = grad::swiglu_grad(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?)?;
+            Ok(vec![Arc::new(dg), Arc::new(du)])
+        }
+        Op::EmbeddingGrad => one(grad::embedding_grad(
+            req(&ins, 0)?,
+            req(&ins, 1)?,
+            req(&ins, 2)?,
+        )?),
+        Op::LinearGradWeight => one(grad::linear_grad_weight(req(&ins, 0)?, req(&ins, 1)?)?),
     }
 }
 

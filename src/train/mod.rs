@@ -1,0 +1,4 @@
+//! Training and evaluation: data, the training loop, optimizers,
+//! checkpoints, perplexity, passkey retrieval and generation.
+
+pub mod tokenizer;
