@@ -127,6 +127,184 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ExternalDataArg::Auto)]
         external_data: ExternalDataArg,
     },
+    /// Fine-tune a model on the CPU (LongLoRA: --pipeline longlora-train).
+    /// Writes OUT/adapter (PEFT), OUT/trainable_params.safetensors (or
+    /// OUT/model for full fine-tuning), metrics.jsonl, loss.svg,
+    /// checkpoints/step-N and run.yaml. With no arguments at all, runs the
+    /// bundled demo: extends models/tiny from 256 to 1024 tokens and prints
+    /// perplexities before and after.
+    #[command(name = "run-train")]
+    RunTrain(Box<RunTrainArgs>),
+    /// Benchmark one training step (forward, backward, AdamW) of a randomly
+    /// initialised model: batch 1, LoRA r=8 on q,k,v,o; prints a table
+    /// (median step time, tokens/s, peak RSS).
+    Bench {
+        /// A LLaMA config.json (the model is initialised randomly).
+        #[arg(long)]
+        config: PathBuf,
+        /// Sequence lengths, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        seq_len: Vec<usize>,
+        /// Rows per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Attention: full, s2 (group = seq/4), or both.
+        #[arg(long, default_value = "full")]
+        attention: String,
+        /// Also train the embedding and norms (LongLoRA's LoRA+).
+        #[arg(long)]
+        train_embed_norm: bool,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 25)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Worker threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a randomly initialised model (a Hugging Face dir) from a
+    /// config.json, for pretraining and benchmarks.
+    Init {
+        /// A LLaMA config.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// Seed of the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight dtype: f32, bf16 or f16 [default: the config's].
+        #[arg(long)]
+        dtype: Option<String>,
+        /// The directory to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// `lcc run-train` options. Every option can also come from `--config
+/// train.yaml` (same names with underscores); the command line wins.
+#[derive(clap::Args, Default)]
+struct RunTrainArgs {
+    /// A YAML file with any of these options (keys as in OUT/run.yaml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The base model: a Hugging Face dir or an .onnx file.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A pipeline recipe: a YAML path or a built-in name (longlora-train,
+    /// lora-train, …).
+    #[arg(long, conflicts_with = "passes")]
+    pipeline: Option<String>,
+    /// Passes by name instead of a recipe (e.g. pi,s2attn,lora,trainable).
+    #[arg(long)]
+    passes: Option<String>,
+    /// Override a pass option: PASS.OPTION=VALUE (VALUE is YAML), repeatable.
+    #[arg(long = "set", value_name = "PASS.OPTION=VALUE")]
+    set: Vec<String>,
+    /// Training data, repeatable: text files or directories of .txt, .bin
+    /// token files, or a .safetensors file with `input_ids` [rows, seq]
+    /// used exactly as given.
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Validation data (same kinds) [default: hold out --valid-fraction of
+    /// the training rows].
+    #[arg(long)]
+    valid_data: Vec<PathBuf>,
+    /// Fraction of training rows held out when no --valid-data [default: 0.01].
+    #[arg(long)]
+    valid_fraction: Option<f64>,
+    /// Bits per token in .bin files: 16 or 32 [default: 16].
+    #[arg(long)]
+    token_bits: Option<u32>,
+    /// Training sequence length (tokens per row).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Rows per micro-batch [default: 1].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 2e-5, LongLoRA's].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear warmup steps [default: 20, LongLoRA's].
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Learning-rate schedule after warmup: constant (LongLoRA's), cosine,
+    /// linear [default: constant].
+    #[arg(long)]
+    schedule: Option<String>,
+    /// adamw or sgd [default: adamw].
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// AdamW β1 [default: 0.9].
+    #[arg(long)]
+    beta1: Option<f64>,
+    /// AdamW β2 [default: 0.95, the LongLoRA paper's value; its released
+    /// code used 0.999].
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// AdamW ε [default: 1e-8].
+    #[arg(long)]
+    eps: Option<f64>,
+    /// Decoupled weight decay [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// SGD momentum [default: 0].
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// Clip the global gradient norm to this; 0 = off [default: 1.0].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Start from this PEFT adapter (its rank, alpha and targets replace
+    /// the lora pass's).
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Start from these trainable weights (LongLoRA's trainable_params.safetensors).
+    #[arg(long)]
+    init_trainable: Option<PathBuf>,
+    /// Seed of LoRA init, shuffling and held-out rows [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write a checkpoint every N steps; 0 = only at the end [default: 0].
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Checkpoints to keep; 0 = all [default: 2].
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Validation loss every N steps; 0 = only at the end [default: 0].
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Validation batches per evaluation; 0 = all rows [default: 8].
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    /// cpu or cuda [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
+    /// Output directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// dtype of a fully fine-tuned model in OUT/model: f32, bf16, f16
+    /// [default: the base model's].
+    #[arg(long)]
+    save_dtype: Option<String>,
+    /// Log line every N steps when stdout is not a terminal [default: 10].
+    #[arg(long)]
+    log_every: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -145,7 +323,7 @@ struct PipelineArgs {
 impl PipelineArgs {
     fn build(&self) -> Result<passes::Pipeline> {
         let mut pipeline = match &self.pipeline {
-            Some(p) => passes::Pipeline::from_yaml(&recipe_path(p))?,
+            Some(p) => passes::Pipeline::recipe(&p.to_string_lossy())?,
             None if !self.passes.is_empty() => {
                 passes::Pipeline::from_names(&self.passes.join(","))?
             }
@@ -155,19 +333,6 @@ impl PipelineArgs {
             pipeline.set(s)?;
         }
         Ok(pipeline)
-    }
-}
-
-/// A recipe argument: a path as given, else `passes/NAME.yaml`.
-fn recipe_path(p: &Path) -> PathBuf {
-    if p.exists() {
-        return p.to_path_buf();
-    }
-    let candidate = Path::new("passes").join(p).with_extension("yaml");
-    if candidate.exists() {
-        candidate
-    } else {
-        p.to_path_buf()
     }
 }
 
@@ -263,6 +428,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             verify,
             external_data,
         ),
+        Command::RunTrain(args) => run_train(*args),
+        Command::Bench {
+            config,
+            seq_len,
+            batch,
+            attention,
+            train_embed_norm,
+            steps,
+            warmup,
+            threads,
+            json,
+        } => bench(&config, &seq_len, batch, &attention, train_embed_norm, steps, warmup, threads, json),
+        Command::Init {
+            config,
+            seed,
+            dtype,
+            output,
+        } => {
+            let dtype = match dtype.as_deref() {
+                None => None,
+                Some("f32" | "float32") => Some(ir::DType::F32),
+                Some("bf16" | "bfloat16") => Some(ir::DType::BF16),
+                Some("f16" | "float16") => Some(ir::DType::F16),
+                Some(other) => bail!("--dtype {other}: expected f32, bf16 or f16"),
+            };
+            let graph = lcc::train::init::init_model(&config, seed, dtype)?;
+            hf::save(&graph, &output).with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "wrote {} ({} parameters, seed {seed})",
+                output.display(),
+                lcc::util::group_digits(graph.weights.num_params())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -460,5 +659,168 @@ fn convert(input: &Path, output: &Path, external: ExternalDataArg) -> Result<Exi
         to.describe(),
         start.elapsed().as_secs_f64()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+impl RunTrainArgs {
+    /// True when no option at all was given (`lcc run-train` alone).
+    fn is_empty(&self) -> bool {
+        self.config.is_none()
+            && self.model.is_none()
+            && self.data.is_empty()
+            && self.out.is_none()
+            && self.seq_len.is_none()
+            && self.steps.is_none()
+            && !self.resume
+    }
+
+    /// Defaults, then `--config`, then the command line.
+    fn resolve(self) -> Result<lcc::train::config::TrainConfig> {
+        use lcc::train::config::{DeviceKind, OptimizerKind, ScheduleName, TrainConfig};
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_yaml(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        macro_rules! take_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        take!(valid_fraction, token_bits, seq_len, steps, batch_size, grad_accum, lr, warmup);
+        take!(beta1, beta2, eps, weight_decay, momentum, max_grad_norm, seed, save_every);
+        take!(keep_checkpoints, eval_every, eval_batches, log_every);
+        // A recipe on the command line replaces passes from the config file
+        // and vice versa.
+        if self.passes.is_some() {
+            c.pipeline = None;
+        }
+        if self.pipeline.is_some() {
+            c.passes = None;
+        }
+        take_opt!(model, pipeline, passes, init_adapter, init_trainable, threads, out, save_dtype);
+        if !self.set.is_empty() {
+            c.set.extend(self.set);
+        }
+        if !self.data.is_empty() {
+            c.data = self.data;
+        }
+        if !self.valid_data.is_empty() {
+            c.valid_data = self.valid_data;
+        }
+        if self.resume {
+            c.resume = true;
+        }
+        if let Some(s) = self.schedule {
+            c.schedule = match s.as_str() {
+                "constant" => ScheduleName::Constant,
+                "cosine" => ScheduleName::Cosine,
+                "linear" => ScheduleName::Linear,
+                other => bail!("--schedule {other}: expected constant, cosine or linear"),
+            };
+        }
+        if let Some(s) = self.optimizer {
+            c.optimizer = match s.as_str() {
+                "adamw" => OptimizerKind::AdamW,
+                "sgd" => OptimizerKind::Sgd,
+                other => bail!("--optimizer {other}: expected adamw or sgd"),
+            };
+        }
+        if let Some(s) = self.device {
+            c.device = match s.as_str() {
+                "cpu" => DeviceKind::Cpu,
+                "cuda" => DeviceKind::Cuda,
+                other => bail!("--device {other}: expected cpu or cuda"),
+            };
+        }
+        Ok(c)
+    }
+}
+
+fn run_train(args: RunTrainArgs) -> Result<ExitCode> {
+    use lcc::train::trainer::{Finish, Trainer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if args.is_empty() {
+        return lcc::train::demo::run_demo(&mut std::io::stdout())
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(Into::into);
+    }
+    let cfg = args.resolve()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is written kills the process
+        // the usual way (the checkpoint is renamed into place atomically).
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: writing a checkpoint after this step (Ctrl-C again to abort)");
+        });
+    }
+    let mut trainer = Trainer::new(cfg)?;
+    let summary = lcc::train::progress::train_with_progress(&mut trainer, &stop)?;
+    match summary.finish {
+        Finish::Completed => Ok(ExitCode::SUCCESS),
+        Finish::Interrupted { .. } => Ok(ExitCode::from(130)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    config: &Path,
+    seq_lens: &[usize],
+    batch: usize,
+    attention: &str,
+    train_embed_norm: bool,
+    steps: usize,
+    warmup: usize,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<ExitCode> {
+    use lcc::train::bench::{bench_train_step, BenchOptions};
+    let patterns: &[bool] = match attention {
+        "full" => &[false],
+        "s2" => &[true],
+        "both" => &[false, true],
+        other => bail!("--attention {other}: expected full, s2 or both"),
+    };
+    if !json {
+        println!(
+            "{:>7} {:>5} {:<16} {:>6} {:>11} {:>9} {:>11} {:>10}",
+            "seq", "batch", "attention", "steps", "median ms", "min ms", "tokens/s", "peak RSS"
+        );
+    }
+    for &seq in seq_lens {
+        for &s2 in patterns {
+            let opts = BenchOptions {
+                seq_len: seq,
+                batch,
+                s2_group: s2.then_some((seq / 4).max(1)),
+                train_embed_norm,
+                warmup_steps: warmup,
+                steps,
+                threads,
+                seed: 0,
+            };
+            let r = bench_train_step(config, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:>7} {:>5} {:<16} {:>6} {:>11.1} {:>9.1} {:>11.0} {:>10}",
+                    r.seq_len,
+                    r.batch,
+                    r.attention,
+                    r.steps,
+                    r.median_ms,
+                    r.min_ms,
+                    r.tokens_per_s,
+                    r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0} MB"))
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -129,6 +129,14 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
     })
 }
 
+/// The recipes in `passes/`, built in.
+pub const BUILTIN_RECIPES: &[(&str, &str)] = &[
+    ("longlora-train", include_str!("../../passes/longlora-train.yaml")),
+    ("longlora-infer", include_str!("../../passes/longlora-infer.yaml")),
+    ("lora-train", include_str!("../../passes/lora-train.yaml")),
+    ("cleanup", include_str!("../../passes/cleanup.yaml")),
+];
+
 /// An ordered list of passes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pipeline {
@@ -215,6 +223,28 @@ impl Pipeline {
         p.check_names()
             .map_err(|e| Error::format(source, e.to_string()))?;
         Ok(p)
+    }
+
+    /// A recipe by path, or by the name of one of the recipes shipped in
+    /// `passes/` (built into the binary, so they work from any directory).
+    pub fn recipe(name_or_path: &str) -> Result<Pipeline> {
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            return Self::from_yaml(path);
+        }
+        let stem = name_or_path.trim_end_matches(".yaml");
+        let stem = stem.strip_prefix("passes/").unwrap_or(stem);
+        match BUILTIN_RECIPES.iter().find(|(n, _)| *n == stem) {
+            Some((n, text)) => Self::from_yaml_str(text, &Path::new("passes").join(format!("{n}.yaml"))),
+            None => Err(Error::invalid(format!(
+                "no recipe '{name_or_path}': not a file, and not one of the built-in recipes ({})",
+                BUILTIN_RECIPES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     pub fn from_yaml(path: &Path) -> Result<Pipeline> {

@@ -104,6 +104,144 @@ pub fn run_with_stats(
 }
 
 // ---------------------------------------------------------------------------
+// Sessions: one graph, many runs
+// ---------------------------------------------------------------------------
+
+/// A graph prepared to run many times (training steps, decoding): the
+/// schedule is computed once and every weight is decoded once and kept
+/// resident, so a step neither re-reads nor copies the weights. Trainable
+/// weights can be updated in place between runs ([`Session::weight_mut`]),
+/// which is how the optimizer writes its steps.
+pub struct Session {
+    graph: Graph,
+    sched: Schedule,
+    weights: HashMap<String, Arc<Tensor>>,
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl Session {
+    /// Prepares `graph`; `threads: None` uses rayon's global pool.
+    pub fn new(graph: Graph, threads: Option<usize>) -> Result<Session> {
+        crate::ir::verify(&graph)?;
+        let sched = Schedule::new(&graph)?;
+        let mut weights = HashMap::new();
+        for w in graph.weights.iter() {
+            weights.insert(w.name.clone(), Arc::new(w.to_tensor()?));
+        }
+        let pool = match threads {
+            None => None,
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .build()
+                    .map_err(|e| Error::invalid(format!("cannot start {n} CPU threads: {e}")))?,
+            ),
+        };
+        Ok(Session {
+            graph,
+            sched,
+            weights,
+            pool,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the graph once.
+    pub fn run(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        self.run_with_stats(inputs).map(|(out, _)| out)
+    }
+
+    pub fn run_with_stats(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<(HashMap<String, Tensor>, RunStats)> {
+        let go = || execute_with(&self.graph, &self.sched, inputs, Some(&self.weights));
+        match &self.pool {
+            None => go(),
+            Some(pool) => pool.install(go),
+        }
+    }
+
+    /// Runs `f` in the session's thread pool (for work between runs, such
+    /// as the optimizer, to use the same threads).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            None => f(),
+            Some(pool) => pool.install(f),
+        }
+    }
+
+    /// A resident weight.
+    pub fn weight(&self, name: &str) -> Option<&Tensor> {
+        self.weights.get(name).map(|t| &**t)
+    }
+
+    /// A resident weight, for an in-place update between runs (the copy on
+    /// write happens only if a caller still holds an output sharing it).
+    pub fn weight_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.weights.get_mut(name).map(Arc::make_mut)
+    }
+
+    /// Several resident weights at once, in the order of `names`, for an
+    /// in-place update between runs.
+    pub fn weights_mut(&mut self, names: &[String]) -> Result<Vec<&mut Tensor>> {
+        let want: HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let mut slots: Vec<Option<&mut Tensor>> = (0..names.len()).map(|_| None).collect();
+        for (name, t) in self.weights.iter_mut() {
+            if let Some(&i) = want.get(name.as_str()) {
+                slots[i] = Some(Arc::make_mut(t));
+            }
+        }
+        slots
+            .into_iter()
+            .zip(names)
+            .map(|(t, n)| {
+                t.ok_or_else(|| Error::invalid(format!("'{n}' is not a weight of the graph")))
+            })
+            .collect()
+    }
+
+    /// Replaces a resident weight (same name, dtype and shape).
+    pub fn set_weight(&mut self, name: &str, t: Tensor) -> Result<()> {
+        let cur = self
+            .weights
+            .get(name)
+            .ok_or_else(|| Error::invalid(format!("'{name}' is not a weight of the graph")))?;
+        if cur.dtype != t.dtype || cur.shape != t.shape {
+            return Err(Error::invalid(format!(
+                "weight '{name}' is {}{:?}; cannot replace it with {}{:?}",
+                cur.dtype, cur.shape, t.dtype, t.shape
+            )));
+        }
+        self.weights.insert(name.to_string(), Arc::new(t));
+        Ok(())
+    }
+
+    /// Writes the resident values of the named weights back into the
+    /// graph's store (before saving) and returns the graph.
+    pub fn sync_weights(&mut self, names: &[String]) -> Result<&Graph> {
+        for name in names {
+            let t = self
+                .weights
+                .get(name)
+                .ok_or_else(|| Error::invalid(format!("'{name}' is not a weight of the graph")))?;
+            let trainable = self.graph.weights.get(name).is_some_and(|w| w.trainable);
+            self.graph
+                .weights
+                .insert(crate::ir::Weight::from_tensor(name.clone(), t, trainable));
+        }
+        Ok(&self.graph)
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Value storage with liveness accounting
 // ---------------------------------------------------------------------------
 
@@ -244,8 +382,20 @@ fn execute(
     graph: &Graph,
     inputs: &HashMap<String, Tensor>,
 ) -> Result<(HashMap<String, Tensor>, RunStats)> {
-    validate_inputs(graph, inputs)?;
     let sched = Schedule::new(graph)?;
+    execute_with(graph, &sched, inputs, None)
+}
+
+/// Runs `graph` in the order of `sched`. With `resident`, weights are read
+/// from those already-decoded tensors (a [`Session`]'s) instead of being
+/// decoded from the store.
+fn execute_with(
+    graph: &Graph,
+    sched: &Schedule,
+    inputs: &HashMap<String, Tensor>,
+    resident: Option<&HashMap<String, Arc<Tensor>>>,
+) -> Result<(HashMap<String, Tensor>, RunStats)> {
+    validate_inputs(graph, inputs)?;
     let mut values = Values::new(petgraph::visit::NodeIndexable::node_bound(&graph.g));
 
     // A weight read by several Weight nodes is decoded once and kept until
@@ -289,6 +439,10 @@ fn execute(
                     .get(name)
                     .ok_or_else(|| fail(format!("input '{name}' is missing")))?;
                 vec![Arc::new(t.clone())]
+            }
+            Op::Weight { name } if resident.is_some_and(|r| r.contains_key(name)) => {
+                let t = resident.and_then(|r| r.get(name)).cloned();
+                vec![t.ok_or_else(|| fail(format!("weight '{name}' is not resident")))?]
             }
             Op::Weight { name } => {
                 let t = match weight_cache.get(name.as_str()) {

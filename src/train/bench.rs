@@ -1,0 +1,157 @@
+//! `lcc bench train`: the time and memory of one training step (forward,
+//! backward, AdamW) on a randomly initialised LLaMA, as the PyTorch
+//! reference measures it: batch 1, LoRA r=8 (alpha 16) on q, k, v, o, only
+//! the LoRA weights trainable, median over the timed steps.
+
+use super::optim::{Optimizer, OptimizerConfig};
+use crate::ir::{Tensor, TensorData};
+use crate::passes::autodiff::{autodiff, AutodiffOptions};
+use crate::passes::{Pipeline, RunOptions};
+use crate::runtime::Session;
+use crate::util::SplitMix64;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// One benchmark configuration.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub seq_len: usize,
+    pub batch: usize,
+    /// `None`: full causal attention; `Some(g)`: S²-Attn with groups of g tokens.
+    pub s2_group: Option<usize>,
+    /// Also train the embedding and norms (LongLoRA's LoRA+).
+    pub train_embed_norm: bool,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    pub threads: Option<usize>,
+    pub seed: u64,
+}
+
+/// What one configuration measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub seq_len: usize,
+    pub batch: usize,
+    pub attention: String,
+    pub steps: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub tokens_per_s: f64,
+    /// Peak resident memory of the process so far (Linux VmHWM).
+    pub peak_rss_mb: Option<f64>,
+    pub trainable_params: u64,
+}
+
+/// Peak resident set size of this process in MB (Linux), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Benchmarks a training step of the model described by `config`
+/// (a config.json), randomly initialised.
+pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResult> {
+    let mut graph = super::init::init_model(config, opts.seed, Some(crate::ir::DType::F32))?;
+    let mut names = String::from("lora");
+    let mut set = vec![
+        "lora.rank=8".to_string(),
+        "lora.alpha=16".to_string(),
+        "lora.targets=[q,k,v,o]".to_string(),
+    ];
+    if let Some(g) = opts.s2_group {
+        names.push_str(",s2attn");
+        set.push(format!("s2attn.group_size={g}"));
+    }
+    if opts.train_embed_norm {
+        names.push_str(",trainable");
+    }
+    let mut p = Pipeline::from_names(&names)?;
+    for s in &set {
+        p.set(s)?;
+    }
+    p.run(&mut graph, &RunOptions::default(), |_, _| {})?;
+    let info = autodiff(&mut graph, &AutodiffOptions { ignore_index: -100 })?;
+    let mut session = Session::new(graph, opts.threads)?;
+    let names: Vec<String> = info.grads.iter().map(|(w, _)| w.clone()).collect();
+    let sizes: Vec<(String, usize)> = names
+        .iter()
+        .map(|n| (n.clone(), session.weight(n).map_or(0, Tensor::numel)))
+        .collect();
+    let mut optimizer = Optimizer::new(
+        OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        &sizes,
+    );
+    let vocab = session
+        .graph()
+        .weights
+        .iter()
+        .find(|w| w.name.ends_with("embed_tokens.weight"))
+        .map(|w| w.shape[0])
+        .ok_or_else(|| Error::invalid("the model has no embedding"))?;
+    let mut rng = SplitMix64::new(opts.seed);
+    let ids: Vec<i64> = (0..opts.batch * opts.seq_len)
+        .map(|_| rng.below(vocab as u64) as i64)
+        .collect();
+    let ids = Tensor::i64(vec![opts.batch, opts.seq_len], ids);
+    let mut inputs = HashMap::new();
+    inputs.insert("labels".to_string(), ids.clone());
+    inputs.insert("input_ids".to_string(), ids);
+    let mut times = Vec::with_capacity(opts.steps);
+    for i in 0..opts.warmup_steps + opts.steps {
+        let start = Instant::now();
+        let outs = session.run(&inputs)?;
+        let grads: Vec<&[f32]> = info
+            .grads
+            .iter()
+            .map(|(_, o)| {
+                outs.get(o)
+                    .and_then(Tensor::as_f32)
+                    .ok_or_else(|| Error::invalid(format!("no gradient '{o}'")))
+            })
+            .collect::<Result<_>>()?;
+        let mut params = session.weights_mut(&names)?;
+        let mut slices: Vec<&mut [f32]> = params
+            .iter_mut()
+            .filter_map(|t| match &mut t.data {
+                TensorData::F32(v) => Some(v.as_mut_slice()),
+                _ => None,
+            })
+            .collect();
+        optimizer.step(&mut slices, &grads, 1e-4);
+        if i >= opts.warmup_steps {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = if times.is_empty() {
+        0.0
+    } else if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    };
+    Ok(BenchResult {
+        seq_len: opts.seq_len,
+        batch: opts.batch,
+        attention: match opts.s2_group {
+            None => "full".into(),
+            Some(g) => format!("s2 (group {g})"),
+        },
+        steps: times.len(),
+        median_ms: median,
+        min_ms: times.first().copied().unwrap_or(0.0),
+        tokens_per_s: (opts.batch * opts.seq_len) as f64 / (median / 1e3).max(1e-12),
+        peak_rss_mb: peak_rss_mb(),
+        trainable_params: sizes.iter().map(|(_, n)| *n as u64).sum(),
+    })
+}

@@ -1,0 +1,226 @@
+//! The resolved configuration of a training run: defaults, then a YAML file
+//! (`--config train.yaml`), then the command line, each overriding the one
+//! before. The resolved result is written to `OUT/run.yaml`, so a run can be
+//! repeated with `lcc run-train --config OUT/run.yaml`.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which optimizer updates the trainable weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    AdamW,
+    Sgd,
+}
+
+/// How the learning rate moves over the run (after linear warmup).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleName {
+    /// Constant after warmup (LongLoRA's `constant_with_warmup`).
+    Constant,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+    /// Linear decay to 0 at the last step.
+    Linear,
+}
+
+/// Where the run computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// Every option of `lcc run-train`. Field docs are the `--help` texts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// The base model: a Hugging Face dir or an ONNX file.
+    pub model: Option<PathBuf>,
+    /// A pipeline recipe (YAML path, or the name of one in passes/).
+    pub pipeline: Option<String>,
+    /// Passes by name instead of a recipe (e.g. pi,s2attn,lora,trainable).
+    pub passes: Option<String>,
+    /// Pass options, `pass.option=value`.
+    pub set: Vec<String>,
+    /// Training data: text files or dirs, .bin token files, or a
+    /// safetensors file with `input_ids`.
+    pub data: Vec<PathBuf>,
+    /// Validation data (same kinds); when empty, `valid_fraction` of the
+    /// training rows is held out.
+    pub valid_data: Vec<PathBuf>,
+    pub valid_fraction: f64,
+    /// Width of .bin token files: 16 or 32 bits.
+    pub token_bits: u32,
+    pub seq_len: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup: u64,
+    pub schedule: ScheduleName,
+    pub optimizer: OptimizerKind,
+    pub beta1: f64,
+    /// AdamW β2. The LongLoRA paper states 0.95; its released code used
+    /// 0.999. lcc follows the paper.
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Global gradient-norm clipping threshold; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    /// Start from an existing PEFT adapter (its rank, alpha and targets).
+    pub init_adapter: Option<PathBuf>,
+    /// Start from trainable weights (LongLoRA's trainable_params.safetensors).
+    pub init_trainable: Option<PathBuf>,
+    pub seed: u64,
+    /// Worker threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Write a checkpoint every N steps (0: only at the end).
+    pub save_every: u64,
+    /// How many checkpoints to keep (0: all).
+    pub keep_checkpoints: usize,
+    /// Compute the validation loss every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation batches per evaluation (0: all validation rows).
+    pub eval_batches: usize,
+    pub device: DeviceKind,
+    /// Output directory.
+    pub out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in `out`.
+    pub resume: bool,
+    /// Label id that is not scored.
+    pub ignore_index: i64,
+    /// dtype of a fully fine-tuned model written to OUT/model (default: the
+    /// base model's).
+    pub save_dtype: Option<String>,
+    /// Print a log line every N steps when stdout is not a terminal.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: None,
+            pipeline: None,
+            passes: None,
+            set: Vec::new(),
+            data: Vec::new(),
+            valid_data: Vec::new(),
+            valid_fraction: 0.01,
+            token_bits: 16,
+            seq_len: 0,
+            steps: 0,
+            batch_size: 1,
+            grad_accum: 1,
+            lr: 2e-5,
+            warmup: 20,
+            schedule: ScheduleName::Constant,
+            optimizer: OptimizerKind::AdamW,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            max_grad_norm: 1.0,
+            init_adapter: None,
+            init_trainable: None,
+            seed: 42,
+            threads: None,
+            save_every: 0,
+            keep_checkpoints: 2,
+            eval_every: 0,
+            eval_batches: 8,
+            device: DeviceKind::Cpu,
+            out: None,
+            resume: false,
+            ignore_index: -100,
+            save_dtype: None,
+            log_every: 10,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a YAML config; unknown keys are errors (a typo must not be
+    /// silently ignored).
+    pub fn from_yaml(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
+        serde_saphyr::from_str(&text).map_err(|e| {
+            Error::invalid(format!(
+                "{}: not a valid training config: {e}",
+                path.display()
+            ))
+        })
+    }
+
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_saphyr::to_string(self)
+            .map_err(|e| Error::invalid(format!("cannot write the config as YAML: {e}")))
+    }
+
+    /// Checks the values that have no sensible default and the ranges.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(m));
+        if self.model.is_none() {
+            return bad("no model: pass --model DIR (a Hugging Face dir or .onnx)".into());
+        }
+        if self.data.is_empty() {
+            return bad("no training data: pass --data PATH (text files or dirs, .bin tokens, or a safetensors file with input_ids)".into());
+        }
+        if self.out.is_none() {
+            return bad("no output directory: pass --out DIR".into());
+        }
+        if self.seq_len < 2 {
+            return bad(format!(
+                "--seq-len must be at least 2 (got {})",
+                self.seq_len
+            ));
+        }
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("--batch-size and --grad-accum must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!("--lr must be a non-negative number (got {})", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad(format!(
+                "AdamW betas must lie in [0, 1) (got {}, {})",
+                self.beta1, self.beta2
+            ));
+        }
+        if self.max_grad_norm < 0.0 || !self.max_grad_norm.is_finite() {
+            return bad(format!(
+                "--max-grad-norm must be ≥ 0 (0 = off), got {}",
+                self.max_grad_norm
+            ));
+        }
+        if !(0.0..1.0).contains(&self.valid_fraction) {
+            return bad(format!(
+                "valid_fraction must lie in [0, 1) (got {})",
+                self.valid_fraction
+            ));
+        }
+        if self.token_bits != 16 && self.token_bits != 32 {
+            return bad(format!(
+                "token_bits must be 16 or 32 (got {})",
+                self.token_bits
+            ));
+        }
+        if self.pipeline.is_some() && self.passes.is_some() {
+            return bad("give either --pipeline or --passes, not both".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,688 @@
+//! The training loop: rewrite the model with the pipeline, differentiate it
+//! (`autodiff`), and run optimizer steps on the CPU backend, with gradient
+//! accumulation, clipping, a learning-rate schedule, checkpoints that a run
+//! resumes from bit for bit, and the outputs users load elsewhere (a PEFT
+//! adapter, LongLoRA's trainable_params, or a whole HF model).
+
+use super::checkpoint::{self, Checkpoint};
+use super::config::{OptimizerKind, ScheduleName, TrainConfig};
+use super::data::{self, DataOptions, Dataset, Loader, TokenWidth};
+use super::metrics::{MetricsLog, StepMetrics};
+use super::optim::{clip_grad_norm, LrSchedule, Optimizer, OptimizerConfig, ScheduleKind};
+use super::tokenizer::Tokenizer;
+use crate::ir::{DType, Graph, Op, Tensor, TensorData, Weight};
+use crate::passes::autodiff::{autodiff, AutodiffOptions, GradInfo};
+use crate::passes::{Pipeline, RunOptions};
+use crate::runtime::Session;
+use crate::util::SplitMix64;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finish {
+    /// All steps ran.
+    Completed,
+    /// Stopped on request (Ctrl-C) after writing a checkpoint.
+    Interrupted { step: u64 },
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub finish: Finish,
+    pub steps_run: u64,
+    pub last_loss: Option<f64>,
+    pub valid_loss: Option<f64>,
+    pub trainable_params: u64,
+    pub outputs: Vec<PathBuf>,
+    pub elapsed_s: f64,
+}
+
+/// Loads the base model (raising an ONNX export to LLaMA-level ops) and
+/// applies the pipeline (and the initial adapter/trainable weights). The
+/// result is the forward graph that trains.
+pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
+    let model = cfg
+        .model
+        .as_deref()
+        .ok_or_else(|| Error::invalid("no model given"))?;
+    let mut graph = crate::model::load(model)?;
+    if !graph.g.node_weights().any(|n| n.op.is_llama_level()) {
+        Pipeline::from_names("raise")?.run(&mut graph, &RunOptions::default(), |_, _| {})?;
+    }
+    let mut pipeline = match (&cfg.pipeline, &cfg.passes) {
+        (Some(p), _) => Some(Pipeline::recipe(p)?),
+        (None, Some(list)) => Some(Pipeline::from_names(list)?),
+        (None, None) => None,
+    };
+    if let Some(dir) = &cfg.init_adapter {
+        // The adapter decides rank, alpha and targets: a `lora` pass in the
+        // pipeline would add a second branch.
+        let adapter = crate::hf::peft::load_adapter(dir)?;
+        if let Some(p) = &mut pipeline {
+            p.passes.retain(|s| s.name != "lora");
+        }
+        if let Some(p) = &pipeline {
+            run_pipeline(&mut graph, p, &cfg.set, true)?;
+        }
+        crate::hf::peft::apply_adapter(&mut graph, &adapter)?;
+    } else if let Some(p) = &pipeline {
+        run_pipeline(&mut graph, p, &cfg.set, false)?;
+    }
+    if let Some(file) = &cfg.init_trainable {
+        crate::hf::peft::load_trainable(&mut graph, file)?;
+    }
+    Ok(graph)
+}
+
+fn run_pipeline(graph: &mut Graph, p: &Pipeline, set: &[String], skip_lora: bool) -> Result<()> {
+    let mut p = p.clone();
+    for s in set {
+        if skip_lora && s.starts_with("lora.") {
+            continue;
+        }
+        p.set(s)?;
+    }
+    p.run(graph, &RunOptions::default(), |_, _| {})?;
+    Ok(())
+}
+
+/// Makes every trainable weight f32 (optimizer updates in bf16 would lose
+/// most small steps), updating the types of the nodes that read them.
+fn trainable_to_f32(graph: &mut Graph) -> Result<()> {
+    let names: Vec<String> = graph
+        .weights
+        .iter()
+        .filter(|w| w.trainable && w.dtype != DType::F32)
+        .map(|w| w.name.clone())
+        .collect();
+    for name in &names {
+        let w = graph.weights.get(name).expect("listed above");
+        let mut t = w.to_tensor()?;
+        if !matches!(t.data, TensorData::F32(_)) {
+            return Err(Error::invalid(format!(
+                "weight '{name}' is {}; only floating-point weights can train",
+                w.dtype
+            )));
+        }
+        // f16/bf16 values are held as f32 already.
+        t.dtype = DType::F32;
+        graph.weights.insert(Weight::from_tensor(name.clone(), &t, true));
+    }
+    let nodes: Vec<_> = graph.g.node_indices().collect();
+    for n in nodes {
+        let is_listed = matches!(&graph.node(n).op, Op::Weight { name } if names.contains(name));
+        if is_listed {
+            if let Some(ty) = graph.node_mut(n).outputs[0].ty.as_mut() {
+                ty.dtype = DType::F32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    cfg: TrainConfig,
+    out: PathBuf,
+    /// The rewritten forward graph, for writing results.
+    forward: Graph,
+    session: Session,
+    info: GradInfo,
+    /// Element counts of the trainable weights, in `info.grads` order.
+    sizes: Vec<usize>,
+    dataset: Dataset,
+    loader: Loader,
+    optimizer: Optimizer,
+    schedule: LrSchedule,
+    rng: SplitMix64,
+    metrics: MetricsLog,
+    /// Optimizer steps done.
+    step: u64,
+    /// Training time of earlier sessions of this run (resume).
+    elapsed_before: f64,
+    /// Gradient sums over the micro-batches of a step (reused).
+    grad_acc: Vec<Vec<f32>>,
+    /// Forward graph with the loss, for validation (built on first use).
+    valid_session: Option<Session>,
+    pub tokenizer: Tokenizer,
+}
+
+impl Trainer {
+    /// Prepares a run: model, graph, data, optimizer; resumes from the
+    /// newest checkpoint in `out` when `cfg.resume`.
+    pub fn new(cfg: TrainConfig) -> Result<Trainer> {
+        cfg.validate()?;
+        if cfg.device != super::config::DeviceKind::Cpu {
+            return Err(Error::invalid(
+                "--device cuda: the CUDA backend is not built yet; train with --device cpu",
+            ));
+        }
+        let out = cfg.out.clone().expect("validated");
+        let mut forward = prepare_model(&cfg)?;
+        trainable_to_f32(&mut forward)?;
+        for n in forward.g.node_weights() {
+            if let Op::LoraLinear(a) = &n.op {
+                if a.dropout != 0.0 {
+                    return Err(Error::invalid(format!(
+                        "LoRA dropout {} is not supported in training yet; set lora.dropout=0",
+                        a.dropout
+                    )));
+                }
+            }
+        }
+        let mut train_graph = forward.clone();
+        let info = autodiff(
+            &mut train_graph,
+            &AutodiffOptions {
+                ignore_index: cfg.ignore_index,
+            },
+        )?;
+        if info.grads.is_empty() {
+            return Err(Error::invalid(
+                "no weight is trainable: add lora and/or trainable passes (e.g. --pipeline longlora-train, or --passes trainable --set 'trainable.patterns=[\"*\"]' for full fine-tuning)",
+            ));
+        }
+        let session = Session::new(train_graph, cfg.threads)?;
+        let mut sizes = Vec::with_capacity(info.grads.len());
+        for (w, _) in &info.grads {
+            let t = session
+                .weight(w)
+                .ok_or_else(|| Error::invalid(format!("trainable weight '{w}' is missing")))?;
+            sizes.push(t.numel());
+        }
+
+        let model_dir = cfg.model.as_deref().filter(|p| p.is_dir());
+        let (vocab, eos) = vocab_and_eos(&forward);
+        let tokenizer = Tokenizer::for_model(model_dir, vocab, eos)?;
+        let dataset = data::load(
+            &cfg.data,
+            &cfg.valid_data,
+            &tokenizer,
+            &DataOptions {
+                seq_len: cfg.seq_len,
+                valid_fraction: cfg.valid_fraction,
+                seed: cfg.seed,
+                token_width: if cfg.token_bits == 32 {
+                    TokenWidth::U32
+                } else {
+                    TokenWidth::U16
+                },
+                vocab_size: vocab,
+            },
+        )?;
+        let loader = Loader::new(dataset.train.clone(), cfg.seed, dataset.shuffle);
+
+        let opt_cfg = match cfg.optimizer {
+            OptimizerKind::AdamW => OptimizerConfig::AdamW {
+                beta1: cfg.beta1 as f32,
+                beta2: cfg.beta2 as f32,
+                eps: cfg.eps as f32,
+                weight_decay: cfg.weight_decay as f32,
+            },
+            OptimizerKind::Sgd => OptimizerConfig::Sgd {
+                momentum: cfg.momentum as f32,
+                weight_decay: cfg.weight_decay as f32,
+            },
+        };
+        let named: Vec<(String, usize)> = info
+            .grads
+            .iter()
+            .zip(&sizes)
+            .map(|((w, _), &n)| (w.clone(), n))
+            .collect();
+        let optimizer = Optimizer::new(opt_cfg, &named);
+        let schedule = LrSchedule {
+            kind: match cfg.schedule {
+                ScheduleName::Constant => ScheduleKind::Constant,
+                ScheduleName::Cosine => ScheduleKind::Cosine,
+                ScheduleName::Linear => ScheduleKind::Linear,
+            },
+            base_lr: cfg.lr as f32,
+            warmup_steps: cfg.warmup,
+            total_steps: cfg.steps,
+        };
+        std::fs::create_dir_all(&out)
+            .map_err(|e| Error::invalid(format!("cannot create {}: {e}", out.display())))?;
+        let metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
+        let grad_acc = sizes.iter().map(|&n| vec![0f32; n]).collect();
+        let mut trainer = Trainer {
+            rng: SplitMix64::new(cfg.seed),
+            cfg,
+            out,
+            forward,
+            session,
+            info,
+            sizes,
+            dataset,
+            loader,
+            optimizer,
+            schedule,
+            metrics,
+            step: 0,
+            elapsed_before: 0.0,
+            grad_acc,
+            valid_session: None,
+            tokenizer,
+        };
+        if trainer.cfg.resume {
+            trainer.resume()?;
+        } else {
+            trainer.metrics.truncate_after(0)?;
+        }
+        let yaml = trainer.cfg.to_yaml()?;
+        std::fs::write(trainer.out.join("run.yaml"), yaml).map_err(|e| {
+            Error::invalid(format!("cannot write {}: {e}", trainer.out.join("run.yaml").display()))
+        })?;
+        Ok(trainer)
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        &self.out
+    }
+
+    /// Trainable parameters (elements).
+    pub fn trainable_params(&self) -> u64 {
+        self.sizes.iter().map(|&n| n as u64).sum()
+    }
+
+    /// Rows of training and validation data.
+    pub fn data_rows(&self) -> (usize, usize) {
+        (self.dataset.train.len(), self.dataset.valid.len())
+    }
+
+    /// The rewritten forward graph (with the weights of the last
+    /// [`Trainer::sync_forward`]).
+    pub fn forward(&self) -> &Graph {
+        &self.forward
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        let Some(dir) = checkpoint::latest(&self.out)? else {
+            return Err(Error::invalid(format!(
+                "--resume: no checkpoint in {}; start without --resume",
+                self.out.join("checkpoints").display()
+            )));
+        };
+        let ck = checkpoint::load(&dir)?;
+        for (name, t) in &ck.weights {
+            self.session.set_weight(name, t.clone()).map_err(|e| {
+                Error::invalid(format!("{}: {e}", dir.display()))
+            })?;
+        }
+        self.optimizer.load_state(&ck.optimizer, ck.optimizer_steps)?;
+        self.loader = Loader::restore(
+            self.dataset.train.clone(),
+            self.cfg.seed,
+            self.dataset.shuffle,
+            &ck.loader,
+        )?;
+        self.rng = SplitMix64::new(ck.rng_state);
+        self.step = ck.step;
+        self.elapsed_before = ck.elapsed_s;
+        self.metrics.truncate_after(ck.step)?;
+        Ok(())
+    }
+
+    /// Writes a checkpoint for the current step.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let mut weights = Vec::with_capacity(self.info.grads.len());
+        for (w, _) in &self.info.grads {
+            let t = self.session.weight(w).expect("trainable weights are resident");
+            weights.push((w.clone(), t.clone()));
+        }
+        let ck = Checkpoint {
+            step: self.step,
+            weights,
+            optimizer: self.optimizer.state_tensors(),
+            optimizer_steps: self.optimizer.steps(),
+            loader: self.loader.state(),
+            rng_state: self.rng.state,
+            elapsed_s: self.elapsed_before,
+        };
+        let dir = checkpoint::save(&self.out, &ck)?;
+        if self.cfg.keep_checkpoints > 0 {
+            checkpoint::keep_last(&self.out, self.cfg.keep_checkpoints)?;
+        }
+        Ok(dir)
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, clipping, update.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let k = self.cfg.grad_accum;
+        let mut loss_sum = 0f64;
+        for acc in &mut self.grad_acc {
+            acc.fill(0.0);
+        }
+        let step_no = self.step + 1;
+        for _ in 0..k {
+            let ids = self.loader.next_batch(self.cfg.batch_size)?;
+            let mut inputs = HashMap::with_capacity(2);
+            inputs.insert("labels".to_string(), ids.clone());
+            inputs.insert("input_ids".to_string(), ids);
+            let outs = self.session.run(&inputs)?;
+            let loss = scalar(&outs, &self.info.loss)?;
+            if !loss.is_finite() {
+                return Err(nonfinite(step_no, "loss", loss, &self.out));
+            }
+            loss_sum += loss;
+            for (i, (_, out)) in self.info.grads.iter().enumerate() {
+                let g = outs
+                    .get(out)
+                    .and_then(Tensor::as_f32)
+                    .ok_or_else(|| Error::invalid(format!("gradient '{out}' was not computed")))?;
+                if g.len() != self.grad_acc[i].len() {
+                    return Err(Error::invalid(format!(
+                        "gradient '{out}' has {} values, its weight {}",
+                        g.len(),
+                        self.grad_acc[i].len()
+                    )));
+                }
+                for (a, &x) in self.grad_acc[i].iter_mut().zip(g) {
+                    *a += x;
+                }
+            }
+        }
+        if k > 1 {
+            let inv = 1.0 / k as f32;
+            for acc in &mut self.grad_acc {
+                acc.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        let loss = loss_sum / k as f64;
+        let max_norm = self.cfg.max_grad_norm as f32;
+        let grad_norm = {
+            let mut views: Vec<&mut [f32]> =
+                self.grad_acc.iter_mut().map(|v| v.as_mut_slice()).collect();
+            clip_grad_norm(&mut views, max_norm)
+        };
+        if !grad_norm.is_finite() {
+            return Err(nonfinite(step_no, "gradient norm", grad_norm as f64, &self.out));
+        }
+        let lr = self.schedule.lr_at(self.step);
+        let names: Vec<String> = self.info.grads.iter().map(|(w, _)| w.clone()).collect();
+        let grads: Vec<&[f32]> = self.grad_acc.iter().map(|v| v.as_slice()).collect();
+        {
+            let mut params = self.session.weights_mut(&names)?;
+            let mut slices: Vec<&mut [f32]> = Vec::with_capacity(params.len());
+            for (name, t) in names.iter().zip(params.iter_mut()) {
+                match &mut t.data {
+                    TensorData::F32(v) => slices.push(v.as_mut_slice()),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "trainable weight '{name}' is not f32"
+                        )))
+                    }
+                }
+            }
+            self.optimizer.step(&mut slices, &grads, lr);
+        }
+        self.step = step_no;
+        let step_time = start.elapsed().as_secs_f64();
+        self.elapsed_before += step_time;
+        let tokens = (self.cfg.batch_size * k * self.cfg.seq_len) as f64;
+        let m = StepMetrics {
+            step: self.step,
+            loss,
+            lr: lr as f64,
+            grad_norm: grad_norm as f64,
+            step_time_s: step_time,
+            tokens_per_s: tokens / step_time.max(1e-9),
+            elapsed_s: self.elapsed_before,
+        };
+        self.metrics.append(&m)?;
+        Ok(m)
+    }
+
+    /// Mean loss over the validation rows (or `eval_batches` batches of
+    /// them), with the current weights; `None` without validation data.
+    pub fn validation_loss(&mut self) -> Result<Option<f64>> {
+        let rows = self.dataset.valid.len();
+        if rows == 0 {
+            return Ok(None);
+        }
+        if self.valid_session.is_none() {
+            let g = loss_graph(&self.forward, self.cfg.ignore_index)?;
+            self.valid_session = Some(Session::new(g, self.cfg.threads)?);
+        }
+        let names: Vec<String> = self.info.grads.iter().map(|(w, _)| w.clone()).collect();
+        let vs = self.valid_session.as_mut().expect("built above");
+        for name in &names {
+            let t = self.session.weight(name).expect("resident").clone();
+            vs.set_weight(name, t)?;
+        }
+        let b = self.cfg.batch_size.max(1);
+        let batches = rows.div_ceil(b);
+        let batches = match self.cfg.eval_batches {
+            0 => batches,
+            n => batches.min(n),
+        };
+        let mut total = 0f64;
+        let mut count = 0usize;
+        for i in 0..batches {
+            let lo = i * b;
+            let hi = (lo + b).min(rows);
+            let ids = self.dataset.valid.batch(lo..hi);
+            let mut inputs = HashMap::with_capacity(2);
+            inputs.insert("labels".to_string(), ids.clone());
+            inputs.insert("input_ids".to_string(), ids);
+            let outs = vs.run(&inputs)?;
+            total += scalar(&outs, "loss")? * (hi - lo) as f64;
+            count += hi - lo;
+        }
+        Ok(Some(total / count.max(1) as f64))
+    }
+
+    /// Copies the trained weights into the forward graph.
+    pub fn sync_forward(&mut self) -> Result<&Graph> {
+        for (name, _) in &self.info.grads {
+            let t = self
+                .session
+                .weight(name)
+                .expect("trainable weights are resident");
+            self.forward
+                .weights
+                .insert(Weight::from_tensor(name.clone(), t, true));
+        }
+        Ok(&self.forward)
+    }
+
+    /// Writes what users load: `adapter/` (PEFT) when the graph has LoRA
+    /// branches, `trainable_params.safetensors` (embedding and norms, HF
+    /// names) when those train, or `model/` (a whole HF dir) when every
+    /// weight trained; plus `loss.svg`.
+    pub fn write_outputs(&mut self) -> Result<Vec<PathBuf>> {
+        let out = self.out.clone();
+        let save_dtype = self.cfg.save_dtype.clone();
+        let base_dtypes: HashMap<String, DType> = crate::model::load(
+            self.cfg.model.as_deref().expect("validated"),
+        )
+        .map(|g| g.weights.iter().map(|w| (w.name.clone(), w.dtype)).collect())
+        .unwrap_or_default();
+        let graph = self.sync_forward()?.clone();
+        let mut written = Vec::new();
+        let has_lora = graph
+            .g
+            .node_weights()
+            .any(|n| matches!(n.op, Op::LoraLinear(_)));
+        let all_trainable = graph.weights.iter().all(|w| w.trainable);
+        if has_lora {
+            let dir = out.join("adapter");
+            crate::hf::peft::save_adapter(&graph, &dir)?;
+            written.push(dir);
+        }
+        if all_trainable && !has_lora {
+            let mut g = graph.clone();
+            let target = match save_dtype.as_deref() {
+                None => None,
+                Some(s) => Some(parse_dtype(s)?),
+            };
+            let names: Vec<String> = g.weights.iter().map(|w| w.name.clone()).collect();
+            for name in names {
+                let w = g.weights.get(&name).expect("listed");
+                let dt = target.or(base_dtypes.get(&name).copied()).unwrap_or(w.dtype);
+                if dt != w.dtype {
+                    let mut t = w.to_tensor()?;
+                    t.dtype = dt;
+                    g.weights.insert(Weight::from_tensor(name, &t, false));
+                } else {
+                    let mut w = w.clone();
+                    w.trainable = false;
+                    g.weights.insert(w);
+                }
+            }
+            let dir = out.join("model");
+            crate::hf::save(&g, &dir)?;
+            written.push(dir);
+        } else if graph
+            .weights
+            .iter()
+            .any(|w| w.trainable && !crate::passes::lora::is_lora_weight(&w.name))
+        {
+            let file = out.join("trainable_params.safetensors");
+            crate::hf::peft::save_trainable(&graph, &file)?;
+            written.push(file);
+        }
+        let svg = out.join("loss.svg");
+        super::metrics::plot_loss(&out.join("metrics.jsonl"), &svg)?;
+        written.push(svg);
+        Ok(written)
+    }
+
+    /// Runs the remaining steps. `stop` is polled between steps (Ctrl-C);
+    /// `on_step` sees each step's metrics (progress display).
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_step: impl FnMut(&StepMetrics, &Trainer),
+    ) -> Result<Summary> {
+        let start = Instant::now();
+        let first = self.step;
+        let mut last_loss = None;
+        let mut valid_loss = None;
+        let mut finish = Finish::Completed;
+        while self.step < self.cfg.steps {
+            if stop.load(Ordering::SeqCst) {
+                self.save_checkpoint()?;
+                finish = Finish::Interrupted { step: self.step };
+                break;
+            }
+            let m = self.train_step()?;
+            last_loss = Some(m.loss);
+            on_step(&m, self);
+            let every = self.cfg.save_every;
+            if every > 0 && self.step % every == 0 && self.step < self.cfg.steps {
+                self.save_checkpoint()?;
+            }
+            let every = self.cfg.eval_every;
+            if every > 0 && self.step % every == 0 && self.step < self.cfg.steps {
+                valid_loss = self.validation_loss()?;
+            }
+        }
+        if finish == Finish::Completed {
+            self.save_checkpoint()?;
+            valid_loss = self.validation_loss()?;
+        }
+        let outputs = self.write_outputs()?;
+        Ok(Summary {
+            finish,
+            steps_run: self.step - first,
+            last_loss,
+            valid_loss,
+            trainable_params: self.trainable_params(),
+            outputs,
+            elapsed_s: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::invalid(format!(
+            "save_dtype '{other}': expected f32, bf16 or f16"
+        ))),
+    }
+}
+
+fn scalar(outs: &HashMap<String, Tensor>, name: &str) -> Result<f64> {
+    outs.get(name)
+        .and_then(|t| t.to_f64_vec().first().copied())
+        .ok_or_else(|| Error::invalid(format!("the graph computed no '{name}'")))
+}
+
+fn nonfinite(step: u64, what: &str, value: f64, out: &Path) -> Error {
+    let last = checkpoint::latest(out).ok().flatten();
+    Error::invalid(format!(
+        "step {step}: the {what} is {value}; stopping before applying it. {}",
+        match last {
+            Some(dir) => format!(
+                "The last good checkpoint is {} (lower --lr or set --max-grad-norm, then --resume)",
+                dir.display()
+            ),
+            None => "No checkpoint was written yet (lower --lr or set --max-grad-norm)".into(),
+        }
+    ))
+}
+
+/// The vocabulary size and EOS id of a LLaMA graph (from its embedding and
+/// hf.config).
+pub fn vocab_and_eos(graph: &Graph) -> (usize, Option<u32>) {
+    let vocab = graph
+        .weights
+        .iter()
+        .find(|w| w.name.ends_with("embed_tokens.weight"))
+        .map(|w| w.shape[0])
+        .unwrap_or(0);
+    let eos = graph
+        .meta
+        .prop(crate::hf::CONFIG_PROP)
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+        .and_then(|v| v.get("eos_token_id").and_then(|e| e.as_u64()))
+        .map(|e| e as u32);
+    (vocab, eos)
+}
+
+/// The forward graph with a `labels` input and the mean next-token loss
+/// as its only output (validation and perplexity).
+pub fn loss_graph(forward: &Graph, ignore_index: i64) -> Result<Graph> {
+    let mut g = forward.clone();
+    let logits = g
+        .outputs
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .map(|(_, v)| *v)
+        .ok_or_else(|| Error::invalid("the model has no 'logits' output"))?;
+    let ids_ty = g
+        .inputs
+        .iter()
+        .map(|&i| &g.node(i).outputs[0])
+        .find(|o| o.name == "input_ids")
+        .and_then(|o| o.ty.clone())
+        .ok_or_else(|| Error::invalid("the model has no 'input_ids' input"))?;
+    let labels = g.add_input("labels", ids_ty);
+    let loss = g.add(
+        "loss",
+        Op::CrossEntropy { ignore_index },
+        &[logits, labels],
+        Some(crate::ir::TensorType::fixed(DType::F32, &[])),
+    )?;
+    g.outputs = vec![("loss".to_string(), loss)];
+    g.remove_dead();
+    Ok(g)
+}
