@@ -2,3 +2,4 @@
 //! checkpoints, perplexity, passkey retrieval and generation.
 
 pub mod tokenizer;
+pub mod data;
