@@ -359,7 +359,9 @@ fn read_document(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<Vec
             let text = std::str::from_utf8(&bytes).map_err(|e| {
                 Error::format(
                     path,
-                    format!("not UTF-8 text ({e}); convert it to UTF-8 or pre-tokenize it to a .bin"),
+                    format!(
+                        "not UTF-8 text ({e}); convert it to UTF-8 or pre-tokenize it to a .bin"
+                    ),
                 )
             })?;
             tok.encode(text)
@@ -489,7 +491,9 @@ impl Loader {
     /// A loader continuing from `state` (as returned by [`Loader::state`]).
     pub fn restore(rows: Rows, seed: u64, shuffle: bool, state: &LoaderState) -> Result<Loader> {
         if rows.is_empty() {
-            return Err(Error::invalid("cannot load batches from an empty set of rows"));
+            return Err(Error::invalid(
+                "cannot load batches from an empty set of rows",
+            ));
         }
         if state.position > rows.len() as u64 {
             return Err(Error::invalid(format!(
@@ -651,7 +655,13 @@ mod tests {
         assert_eq!(s0, (0..10).collect::<Vec<_>>());
         // Restore mid-epoch and across an epoch boundary.
         let state = a.state();
-        assert_eq!(state, LoaderState { epoch: 1, position: 5 });
+        assert_eq!(
+            state,
+            LoaderState {
+                epoch: 1,
+                position: 5
+            }
+        );
         let mut r = Loader::restore(rows.clone(), 3, true, &state).unwrap();
         for _ in 0..7 {
             assert_eq!(a.next_batch(4), r.next_batch(4));
@@ -659,7 +669,10 @@ mod tests {
         // Unshuffled: rows in order.
         let mut u = Loader::new(rows.clone(), 3, false).unwrap();
         assert_eq!(u.next_batch(2).to_i64_vec(), (0..14).collect::<Vec<_>>());
-        let bad = LoaderState { epoch: 0, position: 11 };
+        let bad = LoaderState {
+            epoch: 0,
+            position: 11,
+        };
         assert!(Loader::restore(rows, 3, true, &bad).is_err());
         assert!(Loader::new(Rows::empty(4), 0, true).is_err());
     }
@@ -669,12 +682,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p16 = dir.path().join("a.bin");
         let ids: [u16; 5] = [1, 2, 300, 4, 5];
-        std::fs::write(&p16, ids.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<_>>())
-            .unwrap();
+        std::fs::write(
+            &p16,
+            ids.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         let p32 = dir.path().join("b.bin");
         let ids32: [u32; 3] = [70000, 6, 7];
-        std::fs::write(&p32, ids32.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<_>>())
-            .unwrap();
+        std::fs::write(
+            &p32,
+            ids32
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
         let tok = Tokenizer::Bytes { eos: 0 };
         let mut o = opts(3);
         o.vocab_size = 100_000;
@@ -690,7 +712,10 @@ mod tests {
         assert_eq!(rows_of(&ds.train), vec![vec![70000, 6, 7]]);
         // 10 bytes is not a whole number of u32 tokens.
         let err = load(std::slice::from_ref(&p16), &[], &tok, &o).unwrap_err();
-        assert!(err.to_string().contains("not a whole number of 4-byte"), "{err}");
+        assert!(
+            err.to_string().contains("not a whole number of 4-byte"),
+            "{err}"
+        );
         // Out of vocabulary.
         o.vocab_size = 1000;
         let err = load(std::slice::from_ref(&p32), &[], &tok, &o).unwrap_err();
@@ -731,7 +756,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = Tokenizer::bytes();
         let err = load(&[dir.path().join("missing")], &[], &tok, &opts(4)).unwrap_err();
-        assert!(err.to_string().contains("no such file or directory"), "{err}");
+        assert!(
+            err.to_string().contains("no such file or directory"),
+            "{err}"
+        );
         let err = load(&[dir.path().to_path_buf()], &[], &tok, &opts(4)).unwrap_err();
         assert!(err.to_string().contains("no *.txt files"), "{err}");
         let err = load(&[], &[], &tok, &opts(4)).unwrap_err();
@@ -739,11 +767,17 @@ mod tests {
         let p = dir.path().join("short.txt");
         std::fs::write(&p, "abc").unwrap();
         let err = load(std::slice::from_ref(&p), &[], &tok, &opts(4)).unwrap_err();
-        assert!(err.to_string().contains("3 tokens, need at least 4"), "{err}");
+        assert!(
+            err.to_string().contains("3 tokens, need at least 4"),
+            "{err}"
+        );
         let mut o = opts(2);
         o.vocab_size = 98;
         let err = load(std::slice::from_ref(&p), &[], &tok, &o).unwrap_err();
-        assert!(err.to_string().contains("outside the model's vocabulary"), "{err}");
+        assert!(
+            err.to_string().contains("outside the model's vocabulary"),
+            "{err}"
+        );
     }
 
     #[test]
