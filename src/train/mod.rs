@@ -2,9 +2,13 @@
 //! checkpoints, perplexity, passkey retrieval and generation.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod demo;
 pub mod init;
+pub mod metrics;
+pub mod optim;
 pub mod progress;
 pub mod tokenizer;
 pub mod trainer;
