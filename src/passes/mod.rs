@@ -13,6 +13,7 @@
 //! and any option can be overridden with `--set pass.option=value` (the value
 //! is read as YAML: `8`, `0.25`, `true`, `[q, v]`).
 
+pub mod autodiff;
 mod cse;
 mod dce;
 mod fold;
@@ -84,6 +85,7 @@ pub const REGISTRY: &[(&str, &str)] = &[
     ("fold", "constant folding: evaluates nodes whose inputs are all constants"),
     ("cse", "common subexpression elimination: merges identical nodes"),
     ("dce", "dead code elimination: drops nodes no output needs"),
+    ("autodiff", "training step: cross-entropy loss on new input labels, and the gradient of every trainable weight as outputs"),
 ];
 
 /// One pass of a pipeline with its options.
@@ -119,6 +121,7 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
             &spec.name, o,
         )?)),
         "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
+        "autodiff" => Box::new(autodiff::Autodiff::new(parse_options(&spec.name, o)?)),
         other => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             return Err(Error::invalid(format!(
