@@ -59,7 +59,14 @@ fn qkv(
 
 /// Whether query i of head h sees key j, straight from the pattern's
 /// definition (not from the kernels' segment bookkeeping).
-fn sees(pattern: &AttentionPattern, heads: usize, len: usize, h: usize, i: usize, j: usize) -> bool {
+fn sees(
+    pattern: &AttentionPattern,
+    heads: usize,
+    len: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+) -> bool {
     match *pattern {
         AttentionPattern::FullCausal => j <= i,
         AttentionPattern::ShiftedSparse { group, wrap } => {
@@ -128,7 +135,10 @@ fn reference(
                 let sum: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
                 let lse = m + sum.ln();
                 r.lse[(b * heads + h) * len + i] = lse;
-                let p: Vec<f64> = s.iter().map(|x| x.map_or(0.0, |x| (x - lse).exp())).collect();
+                let p: Vec<f64> = s
+                    .iter()
+                    .map(|x| x.map_or(0.0, |x| (x - lse).exp()))
+                    .collect();
                 for (j, &pj) in p.iter().enumerate() {
                     for c in 0..hd {
                         r.out[qa(b, i, h) + c] += pj * v[ka(b, j, g) + c];
@@ -136,7 +146,11 @@ fn reference(
                 }
                 // dP_j = dO_i·V_j; dS_j = P_j (dP_j − Σ_l P_l dP_l).
                 let dp: Vec<f64> = (0..len)
-                    .map(|j| (0..hd).map(|c| dout[qa(b, i, h) + c] * v[ka(b, j, g) + c]).sum())
+                    .map(|j| {
+                        (0..hd)
+                            .map(|c| dout[qa(b, i, h) + c] * v[ka(b, j, g) + c])
+                            .sum()
+                    })
                     .collect();
                 let d: f64 = p.iter().zip(&dp).map(|(x, y)| x * y).sum();
                 for j in 0..len {
@@ -181,6 +195,27 @@ fn patterns() -> Vec<(&'static str, AttentionPattern)> {
 }
 
 #[test]
+fn fast_exp_is_accurate() {
+    let mut worst = 0.0f64;
+    let mut x = -90.0f32;
+    while x < 1.0 {
+        let mut got = [x];
+        f32::exp_minus(&mut got, 0.0);
+        let want = (x as f64).exp();
+        if x >= -87.0 {
+            worst = worst.max((got[0] as f64 - want).abs() / want);
+        } else {
+            assert_eq!(got[0], 0.0);
+        }
+        x += 0.000_37;
+    }
+    assert!(worst < 3e-7, "relative error {worst}");
+    let mut nan = [f32::NAN];
+    f32::exp_minus(&mut nan, 0.0);
+    assert!(nan[0].is_nan());
+}
+
+#[test]
 fn forward_out_is_bitwise_nn_attention() {
     let mut rng = SplitMix64::new(1);
     // Lengths over the forward's 128-row blocks, groups that do and do not divide them.
@@ -198,7 +233,12 @@ fn forward_out_is_bitwise_nn_attention() {
         let (q, k, v) = qkv(&mut rng, batch, len, &a);
         for (q, k, v) in [(to_f32(&q), to_f32(&k), to_f32(&v)), (q, k, v)] {
             let (out, lse) = attention_fwd(&q, &k, &v, &a).unwrap();
-            assert_eq!(out, nn::attention(&q, &k, &v, &a).unwrap(), "{:?}", a.pattern);
+            assert_eq!(
+                out,
+                nn::attention(&q, &k, &v, &a).unwrap(),
+                "{:?}",
+                a.pattern
+            );
             assert_eq!(lse.shape, vec![batch, heads, len]);
             assert_eq!(lse.dtype, q.dtype);
         }
@@ -374,7 +414,10 @@ fn empty_sequence_gives_empty_gradients() {
         let (out, lse) = attention_fwd(&q, &k, &k, &a).unwrap();
         assert_eq!(lse.shape, vec![1, 4, 0]);
         let (dq, dk, dv) = attention_grad(&q, &k, &k, &out, &lse, &q, &a).unwrap();
-        assert_eq!((dq.shape, dk.shape, dv.shape), (q.shape.clone(), k.shape.clone(), k.shape));
+        assert_eq!(
+            (dq.shape, dk.shape, dv.shape),
+            (q.shape.clone(), k.shape.clone(), k.shape)
+        );
     }
 }
 
@@ -408,27 +451,39 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(grad(&q, &k, &out, &lse64, &a).contains("lse must be"));
     // Heads that do not split.
     let bad = attrs(4, 3, 4, AttentionPattern::FullCausal);
-    assert!(attention_fwd(&q, &k, &k, &bad).unwrap_err().contains("multiple of kv_heads"));
+    assert!(attention_fwd(&q, &k, &k, &bad)
+        .unwrap_err()
+        .contains("multiple of kv_heads"));
     let odd = attrs(3, 1, 4, s2(GroupSize::Tokens(2), false));
     let q3 = Tensor::f32(vec![1, 6, 12], vec![0.5; 72]);
     let k3 = Tensor::f32(vec![1, 6, 4], vec![0.5; 24]);
-    assert!(attention_fwd(&q3, &k3, &k3, &odd).unwrap_err().contains("odd"));
+    assert!(attention_fwd(&q3, &k3, &k3, &odd)
+        .unwrap_err()
+        .contains("odd"));
     let lse3 = Tensor::f32(vec![1, 3, 6], vec![0.0; 18]);
     assert!(grad(&q3, &k3, &q3, &lse3, &odd).contains("odd"));
     // A group longer than the sequence.
     let long = attrs(4, 2, 4, s2(GroupSize::Tokens(7), false));
-    assert!(attention_fwd(&q, &k, &k, &long).unwrap_err().contains("group size 7"));
+    assert!(attention_fwd(&q, &k, &k, &long)
+        .unwrap_err()
+        .contains("group size 7"));
     assert!(grad(&q, &k, &out, &lse, &long).contains("group size 7"));
     // Types other than f32/f64, mixed types.
     let half = Tensor {
         dtype: DType::F16,
         ..q.clone()
     };
-    assert!(attention_fwd(&half, &k, &k, &a).unwrap_err().contains("f32 or f64"));
+    assert!(attention_fwd(&half, &k, &k, &a)
+        .unwrap_err()
+        .contains("f32 or f64"));
     let ids = Tensor::i64(vec![1, 6, 16], vec![0; 96]);
-    assert!(attention_fwd(&ids, &k, &k, &a).unwrap_err().contains("f32 or f64"));
+    assert!(attention_fwd(&ids, &k, &k, &a)
+        .unwrap_err()
+        .contains("f32 or f64"));
     let k64 = f64_tensor(&k.shape, k.to_f64_vec());
-    assert!(attention_fwd(&q, &k64, &k64, &a).unwrap_err().contains("one type"));
+    assert!(attention_fwd(&q, &k64, &k64, &a)
+        .unwrap_err()
+        .contains("one type"));
 }
 
 /// Timings for batch 1, 8 heads of 32: full causal vs S²-Attn (G = L/4).
