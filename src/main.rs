@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lcc::ir::{self, Tensor};
+use lcc::train::{eval, tokenizer::Tokenizer};
 use lcc::{hf, model, onnx, passes, runtime};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -183,6 +184,112 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Evaluate a model: perplexity over context lengths, passkey retrieval.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCommand,
+    },
+    /// Continue a prompt with a KV cache (greedy, or temperature + top-p
+    /// sampling) and print the continuation.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text to continue.
+        #[arg(long)]
+        prompt: String,
+        /// Most tokens to generate (fewer when the model emits end-of-sequence).
+        #[arg(long)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling: draw from the most likely tokens holding this much
+        /// probability (1 keeps all).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Seed of the sampler; the same seed repeats a generation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity at each context length, with LongLoRA's protocol: windows of
+    /// CTX tokens every STRIDE tokens, each one forward at [1, CTX] scored on
+    /// its CTX-1 predicted tokens; ppl = exp(mean of per-window mean losses).
+    Ppl {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Evaluation data: a text file, a directory of *.txt files (sorted,
+        /// documents separated by EOS), or a .bin of little-endian u16 tokens.
+        #[arg(long)]
+        data: PathBuf,
+        /// Context lengths, comma-separated (e.g. 256,512,1024).
+        #[arg(long, value_delimiter = ',', required = true)]
+        ctx: Vec<usize>,
+        /// Tokens between window starts [default: the context length, i.e.
+        /// non-overlapping windows].
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Evaluate at most this many windows per context, evenly spaced
+        /// [default: all].
+        #[arg(long)]
+        max_windows: Option<usize>,
+        /// Attention to evaluate with: full causal, or S²-Attn (the `s2attn`
+        /// pass, groups of 1/4 of the context), as LongLoRA reports both.
+        #[arg(long, value_enum, default_value_t = AttentionArg::Full)]
+        attention: AttentionArg,
+        /// Print a JSON array, one object per context length.
+        #[arg(long)]
+        json: bool,
+        /// Also write an SVG plot of perplexity against context length.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
+    /// Passkey retrieval: a random 5-digit key hidden at a random depth in
+    /// filler text of each length; a trial is correct when greedy decoding
+    /// repeats the key.
+    Passkey {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths in tokens, comma-separated (e.g. 256,512,1024).
+        #[arg(long, value_delimiter = ',', required = true)]
+        lengths: Vec<usize>,
+        /// Prompts per length.
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// Seed for the keys and their depths.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print a JSON array, one object per length.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AttentionArg {
+    /// Full causal attention.
+    Full,
+    /// Shifted sparse attention (S²-Attn), group size 1/4 of the context.
+    S2,
+}
+
+/// The model to evaluate, with what was trained on top of it.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// An .onnx file (raised to LLaMA ops) or a Hugging Face directory.
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// LongLoRA's trainable_params.safetensors (trained embedding and norms).
+    #[arg(long)]
+    trainable: Option<PathBuf>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 /// `lcc run-train` options. Every option can also come from `--config
@@ -429,6 +536,55 @@ fn run(cli: Cli) -> Result<ExitCode> {
             external_data,
         ),
         Command::RunTrain(args) => run_train(*args),
+        Command::Eval {
+            what:
+                EvalCommand::Ppl {
+                    model,
+                    data,
+                    ctx,
+                    stride,
+                    max_windows,
+                    attention,
+                    json,
+                    plot,
+                },
+        } => eval_ppl(
+            &model,
+            &data,
+            &ctx,
+            stride,
+            max_windows,
+            attention,
+            json,
+            plot.as_deref(),
+        ),
+        Command::Eval {
+            what:
+                EvalCommand::Passkey {
+                    model,
+                    lengths,
+                    trials,
+                    seed,
+                    json,
+                },
+        } => eval_passkey(&model, &lengths, trials, seed, json),
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => generate(
+            &model,
+            &prompt,
+            max_new_tokens,
+            &lcc::train::generate::Sampling {
+                temperature,
+                top_p,
+                seed,
+            },
+        ),
         Command::Bench {
             config,
             seq_len,
@@ -822,5 +978,197 @@ fn bench(
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the model for evaluation: raised to LLaMA ops when it is an ONNX
+/// export, with the adapter and trainable params applied; and its tokenizer.
+fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("starting the worker threads")?;
+    }
+    let mut graph = model::load(&args.model)?;
+    if !graph.op_histogram().contains_key("Attention") {
+        passes::Pipeline::from_names("raise")?
+            .run(&mut graph, &passes::RunOptions::default(), |_, _| {})
+            .with_context(|| {
+                format!(
+                    "raising {} to LLaMA ops (evaluation needs them)",
+                    args.model.display()
+                )
+            })?;
+    }
+    if let Some(dir) = &args.adapter {
+        let adapter = hf::peft::load_adapter(dir)?;
+        hf::peft::apply_adapter(&mut graph, &adapter)
+            .with_context(|| format!("applying the adapter {}", dir.display()))?;
+    }
+    if let Some(file) = &args.trainable {
+        hf::peft::load_trainable(&mut graph, file)?;
+    }
+    let vocab = vocab_size(&graph).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot tell the vocabulary size of {} (no logits output of known shape)",
+            args.model.display()
+        )
+    })?;
+    let dir = args.model.is_dir().then_some(args.model.as_path());
+    let tokenizer = Tokenizer::for_model(dir, vocab, dir.and_then(config_eos))?;
+    Ok((graph, tokenizer))
+}
+
+/// The last dimension of the logits output.
+fn vocab_size(graph: &ir::Graph) -> Option<usize> {
+    let v = graph
+        .outputs
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .or(graph.outputs.first())?
+        .1;
+    match graph.value_type(v)?.shape.as_ref()?.last()? {
+        ir::Dim::Fixed(n) => Some(*n as usize),
+        ir::Dim::Sym(_) => None,
+    }
+}
+
+/// `eos_token_id` from a Hugging Face config.json (the first of a list).
+fn config_eos(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let eos = cfg.get("eos_token_id")?;
+    let id = eos.as_u64().or_else(|| eos.as_array()?.first()?.as_u64())?;
+    u32::try_from(id).ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_ppl(
+    args: &ModelArgs,
+    data: &Path,
+    ctxs: &[usize],
+    stride: Option<usize>,
+    max_windows: Option<usize>,
+    attention: AttentionArg,
+    json: bool,
+    plot: Option<&Path>,
+) -> Result<ExitCode> {
+    if let Some(bad) = ctxs.iter().find(|&&c| c < 2) {
+        bail!("--ctx {bad}: a context must hold at least 2 tokens");
+    }
+    if stride == Some(0) {
+        bail!("--stride must be at least 1 token");
+    }
+    if max_windows == Some(0) {
+        bail!("--max-windows must be at least 1");
+    }
+    let (mut graph, tokenizer) = load_for_eval(args)?;
+    if attention == AttentionArg::S2 {
+        let mut s2 = passes::Pipeline::from_names("s2attn")?;
+        s2.set("s2attn.group_fraction=0.25")?;
+        s2.run(&mut graph, &passes::RunOptions::default(), |_, _| {})?;
+    }
+    let tokens = eval::load_eval_tokens(data, &tokenizer)
+        .with_context(|| format!("reading the evaluation data {}", data.display()))?;
+    eprintln!("{} tokens from {}", tokens.len(), data.display());
+    let mut results = Vec::with_capacity(ctxs.len());
+    for &ctx in ctxs {
+        let start = std::time::Instant::now();
+        let r = eval::perplexity(&graph, &tokens, ctx, stride.unwrap_or(ctx), max_windows)
+            .with_context(|| format!("perplexity at context {ctx}"))?;
+        eprintln!(
+            "ctx {ctx}: {} windows in {:.2} s",
+            r.windows,
+            start.elapsed().as_secs_f64()
+        );
+        results.push(r);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!(
+            "{:>8}  {:>8}  {:>10}  {:>12}  {:>12}",
+            "ctx", "windows", "tokens", "ppl", "ppl (tokens)"
+        );
+        for r in &results {
+            println!(
+                "{:>8}  {:>8}  {:>10}  {:>12.4}  {:>12.4}",
+                r.ctx, r.windows, r.tokens, r.ppl, r.ppl_token_weighted
+            );
+        }
+    }
+    if let Some(file) = plot {
+        let title = format!(
+            "{} ({} attention)",
+            args.model.display(),
+            match attention {
+                AttentionArg::Full => "full",
+                AttentionArg::S2 => "S²",
+            }
+        );
+        eval::plot_ppl_svg(&results, file, &title)?;
+        eprintln!("wrote {}", file.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_passkey(
+    args: &ModelArgs,
+    lengths: &[usize],
+    trials: usize,
+    seed: u64,
+    json: bool,
+) -> Result<ExitCode> {
+    if trials == 0 {
+        bail!("--trials must be at least 1");
+    }
+    let (graph, tokenizer) = load_for_eval(args)?;
+    let results =
+        lcc::train::passkey::passkey_retrieval(&graph, &tokenizer, lengths, trials, seed, |r| {
+            eprintln!("length {}: {}/{} correct", r.length, r.correct, r.trials)
+        })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!(
+            "{:>8}  {:>7}  {:>7}  {:>9}  {:>13}",
+            "length", "trials", "correct", "accuracy", "prompt tokens"
+        );
+        for r in &results {
+            println!(
+                "{:>8}  {:>7}  {:>7}  {:>9.3}  {:>13.1}",
+                r.length, r.trials, r.correct, r.accuracy, r.mean_prompt_tokens
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate(
+    args: &ModelArgs,
+    prompt: &str,
+    max_new: usize,
+    sampling: &lcc::train::generate::Sampling,
+) -> Result<ExitCode> {
+    let (graph, tokenizer) = load_for_eval(args)?;
+    let ids = tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        bail!("--prompt is empty; give some text to continue");
+    }
+    let start = std::time::Instant::now();
+    let out = lcc::train::generate::generate(&graph, &ids, max_new, sampling, tokenizer.eos_id())?;
+    let secs = start.elapsed().as_secs_f64();
+    println!("{}", tokenizer.decode(&out));
+    eprintln!(
+        "generated {} tokens after a {}-token prompt in {:.2} s ({:.1} tokens/s)",
+        out.len(),
+        ids.len(),
+        secs,
+        out.len() as f64 / secs.max(1e-9)
+    );
     Ok(ExitCode::SUCCESS)
 }

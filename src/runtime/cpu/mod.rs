@@ -8,6 +8,7 @@
 //! this node may reuse its buffer (reshapes, unary and binary arithmetic).
 
 pub mod attention_grad;
+pub mod decode;
 pub mod elementwise;
 mod erf;
 pub mod grad;
@@ -572,7 +573,9 @@ pub(crate) fn eval_node(
 }
 
 /// Runs one node's kernel on its inputs (in port order, `None` = absent).
-fn run_kernel(
+/// Shared with the KV-cache decoder, which holds its weights as `Arc`s so
+/// that a token step never copies them.
+pub(crate) fn run_kernel(
     op: &Op,
     mut ins: Ins,
     n_out: usize,
