@@ -322,7 +322,8 @@ pub enum Op {
     },
     /// Attention that also returns the log-sum-exp of each query's scaled
     /// scores, for the backward pass. Inputs: q, k, v (as `Attention`).
-    /// Outputs: out [batch, seq, heads*head_dim], lse f32 [batch, heads, seq].
+    /// Outputs: out [batch, seq, heads*head_dim], lse [batch, heads, seq] in
+    /// q's dtype (f32, or f64 for finite-difference checks).
     AttentionFwd(AttentionAttrs),
     /// Inputs: q, k, v, out, lse, dout → dq, dk, dv.
     AttentionGrad(AttentionAttrs),

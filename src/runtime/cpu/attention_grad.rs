@@ -75,6 +75,7 @@ fn check_qkv(
         )),
     };
     let (batch, len) = dims3(q, heads, "q")?;
+    check_numel(op, &[("q", q), ("k", k), ("v", v)])?;
     let kd = dims3(k, kv_heads, "k")?;
     let vd = dims3(v, kv_heads, "v")?;
     if kd != (batch, len) || vd != (batch, len) {
@@ -127,6 +128,7 @@ pub fn attention_grad(
             ));
         }
     }
+    check_numel(OP, &[("out", out), ("lse", lse), ("dout", dout)])?;
     let lse_shape = [dims.batch, dims.heads, dims.len];
     if lse.shape != lse_shape || lse.dtype != q.dtype {
         return Err(format!(
@@ -183,6 +185,21 @@ pub fn attention_grad(
         "{OP}: the tensors' data do not match their dtype {} (internal error)",
         q.dtype
     ))
+}
+
+/// A tensor whose data is not as long as its shape says would make the
+/// kernels index out of bounds; say so instead.
+fn check_numel(op: &str, tensors: &[(&str, &Tensor)]) -> Result<(), String> {
+    for (name, t) in tensors {
+        if crate::ir::tensor::checked_numel(&t.shape) != Some(t.numel()) {
+            return Err(format!(
+                "{op}: {name} has shape {:?} but {} values (a malformed tensor)",
+                t.shape,
+                t.numel()
+            ));
+        }
+    }
+    Ok(())
 }
 
 struct Inputs<'a, T> {

@@ -468,6 +468,15 @@ fn bad_inputs_are_errors_not_panics() {
         .unwrap_err()
         .contains("group size 7"));
     assert!(grad(&q, &k, &out, &lse, &long).contains("group size 7"));
+    // Data shorter than the shape.
+    let short = Tensor {
+        data: TensorData::F32(vec![0.5; 95]),
+        ..q.clone()
+    };
+    assert!(attention_fwd(&short, &k, &k, &a)
+        .unwrap_err()
+        .contains("malformed"));
+    assert!(grad(&q, &k, &short, &lse, &a).contains("malformed"));
     // Types other than f32/f64, mixed types.
     let half = Tensor {
         dtype: DType::F16,
