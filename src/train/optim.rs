@@ -196,16 +196,15 @@ fn update(
             let bc2_sqrt = bc2.sqrt() as f32;
             let (one_m_b1, one_m_b2) = ((1.0 - beta1) as f32, (1.0 - beta2) as f32);
             let (beta2, eps) = (beta2 as f32, eps as f32);
-            for i in 0..p.len() {
+            for ((pi, &gi), (mi, vi)) in p.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut())) {
                 if weight_decay != 0.0 {
-                    p[i] *= decay;
+                    *pi *= decay;
                 }
-                let gi = g[i];
                 // torch's lerp: m + w·(g − m).
-                m[i] += one_m_b1 * (gi - m[i]);
-                v[i] = v[i] * beta2 + one_m_b2 * gi * gi;
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * (m[i] / denom);
+                *mi += one_m_b1 * (gi - *mi);
+                *vi = *vi * beta2 + one_m_b2 * gi * gi;
+                let denom = vi.sqrt() / bc2_sqrt + eps;
+                *pi -= step_size * (*mi / denom);
             }
         }
         OptimizerConfig::Sgd {
@@ -213,17 +212,17 @@ fn update(
             weight_decay,
         } => {
             let (momentum, weight_decay) = (momentum as f32, weight_decay as f32);
-            for i in 0..p.len() {
-                let mut d = g[i];
+            for (i, (pi, &gi)) in p.iter_mut().zip(g).enumerate() {
+                let mut d = gi;
                 if weight_decay != 0.0 {
-                    d += weight_decay * p[i];
+                    d += weight_decay * *pi;
                 }
                 if momentum != 0.0 {
                     let buf = &mut st[0][i];
                     *buf = if step == 1 { d } else { *buf * momentum + d };
                     d = *buf;
                 }
-                p[i] -= lr * d;
+                *pi -= lr * d;
             }
         }
     }
