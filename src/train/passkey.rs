@@ -77,7 +77,7 @@ pub fn passkey_prompt(
     let shortest = count(0)?;
     if shortest.len() > target_tokens {
         return Err(Error::invalid(format!(
-            "a passkey prompt needs at least {} tokens; ask for longer lengths",
+            "a passkey prompt needs at least {} tokens, more than the {target_tokens} asked for; ask for longer lengths",
             shortest.len()
         )));
     }
