@@ -127,7 +127,7 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
                 _ => None,
             })
             .collect();
-        optimizer.step(&mut slices, &grads, 1e-4);
+        optimizer.step(&mut slices, &grads, 1e-4)?;
         if i >= opts.warmup_steps {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }

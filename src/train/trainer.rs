@@ -4,7 +4,7 @@
 //! resumes from bit for bit, and the outputs users load elsewhere (a PEFT
 //! adapter, LongLoRA's trainable_params, or a whole HF model).
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, TrainState};
 use super::config::{OptimizerKind, ScheduleName, TrainConfig};
 use super::data::{self, DataOptions, Dataset, Loader, TokenWidth};
 use super::metrics::{MetricsLog, StepMetrics};
@@ -215,18 +215,18 @@ impl Trainer {
                 vocab_size: vocab,
             },
         )?;
-        let loader = Loader::new(dataset.train.clone(), cfg.seed, dataset.shuffle);
+        let loader = Loader::new(dataset.train.clone(), cfg.seed, true)?;
 
         let opt_cfg = match cfg.optimizer {
             OptimizerKind::AdamW => OptimizerConfig::AdamW {
-                beta1: cfg.beta1 as f32,
-                beta2: cfg.beta2 as f32,
-                eps: cfg.eps as f32,
-                weight_decay: cfg.weight_decay as f32,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
             },
             OptimizerKind::Sgd => OptimizerConfig::Sgd {
-                momentum: cfg.momentum as f32,
-                weight_decay: cfg.weight_decay as f32,
+                momentum: cfg.momentum,
+                weight_decay: cfg.weight_decay,
             },
         };
         let named: Vec<(String, usize)> = info
@@ -248,7 +248,13 @@ impl Trainer {
         };
         std::fs::create_dir_all(&out)
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", out.display())))?;
-        let metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
+        let metrics_path = out.join("metrics.jsonl");
+        let metrics = if cfg.resume {
+            // Truncated to the checkpoint's step in `resume`.
+            MetricsLog::resume(&metrics_path, u64::MAX)?
+        } else {
+            MetricsLog::create(&metrics_path)?
+        };
         let grad_acc = sizes.iter().map(|&n| vec![0f32; n]).collect();
         let mut trainer = Trainer {
             rng: SplitMix64::new(cfg.seed),
@@ -271,8 +277,6 @@ impl Trainer {
         };
         if trainer.cfg.resume {
             trainer.resume()?;
-        } else {
-            trainer.metrics.truncate_after(0)?;
         }
         let yaml = trainer.cfg.to_yaml()?;
         std::fs::write(trainer.out.join("run.yaml"), yaml).map_err(|e| {
@@ -310,29 +314,35 @@ impl Trainer {
     }
 
     fn resume(&mut self) -> Result<()> {
-        let Some(dir) = checkpoint::latest(&self.out)? else {
+        let Some(dir) = checkpoint::latest(&self.out) else {
             return Err(Error::invalid(format!(
                 "--resume: no checkpoint in {}; start without --resume",
                 self.out.join("checkpoints").display()
             )));
         };
         let ck = checkpoint::load(&dir)?;
-        for (name, t) in &ck.weights {
+        for (name, t) in &ck.trainable {
             self.session.set_weight(name, t.clone()).map_err(|e| {
                 Error::invalid(format!("{}: {e}", dir.display()))
             })?;
         }
-        self.optimizer.load_state(&ck.optimizer, ck.optimizer_steps)?;
+        let opt: HashMap<String, Tensor> = ck.optimizer.into_iter().collect();
+        self.optimizer.load_state(&opt, ck.state.optimizer_steps)?;
         self.loader = Loader::restore(
             self.dataset.train.clone(),
             self.cfg.seed,
-            self.dataset.shuffle,
-            &ck.loader,
+            true,
+            &ck.state.loader,
         )?;
-        self.rng = SplitMix64::new(ck.rng_state);
-        self.step = ck.step;
-        self.elapsed_before = ck.elapsed_s;
-        self.metrics.truncate_after(ck.step)?;
+        self.rng = SplitMix64::new(ck.state.rng_state);
+        self.step = ck.state.step;
+        self.elapsed_before = ck
+            .state
+            .extra
+            .get("elapsed_s")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
+        self.metrics = MetricsLog::resume(&self.out.join("metrics.jsonl"), ck.state.step)?;
         Ok(())
     }
 
@@ -343,16 +353,14 @@ impl Trainer {
             let t = self.session.weight(w).expect("trainable weights are resident");
             weights.push((w.clone(), t.clone()));
         }
-        let ck = Checkpoint {
+        let state = TrainState {
             step: self.step,
-            weights,
-            optimizer: self.optimizer.state_tensors(),
-            optimizer_steps: self.optimizer.steps(),
             loader: self.loader.state(),
             rng_state: self.rng.state,
-            elapsed_s: self.elapsed_before,
+            optimizer_steps: self.optimizer.steps(),
+            extra: serde_json::json!({ "elapsed_s": self.elapsed_before }),
         };
-        let dir = checkpoint::save(&self.out, &ck)?;
+        let dir = checkpoint::save(&self.out, &state, &weights, &self.optimizer.state_tensors())?;
         if self.cfg.keep_checkpoints > 0 {
             checkpoint::keep_last(&self.out, self.cfg.keep_checkpoints)?;
         }
@@ -369,7 +377,7 @@ impl Trainer {
         }
         let step_no = self.step + 1;
         for _ in 0..k {
-            let ids = self.loader.next_batch(self.cfg.batch_size)?;
+            let ids = self.loader.next_batch(self.cfg.batch_size);
             let mut inputs = HashMap::with_capacity(2);
             inputs.insert("labels".to_string(), ids.clone());
             inputs.insert("input_ids".to_string(), ids);
@@ -428,7 +436,7 @@ impl Trainer {
                     }
                 }
             }
-            self.optimizer.step(&mut slices, &grads, lr);
+            self.optimizer.step(&mut slices, &grads, lr)?;
         }
         self.step = step_no;
         let step_time = start.elapsed().as_secs_f64();
@@ -475,7 +483,8 @@ impl Trainer {
         for i in 0..batches {
             let lo = i * b;
             let hi = (lo + b).min(rows);
-            let ids = self.dataset.valid.batch(lo..hi);
+            let idx: Vec<usize> = (lo..hi).collect();
+            let ids = self.dataset.valid.batch(&idx);
             let mut inputs = HashMap::with_capacity(2);
             inputs.insert("labels".to_string(), ids.clone());
             inputs.insert("input_ids".to_string(), ids);
@@ -627,7 +636,7 @@ fn scalar(outs: &HashMap<String, Tensor>, name: &str) -> Result<f64> {
 }
 
 fn nonfinite(step: u64, what: &str, value: f64, out: &Path) -> Error {
-    let last = checkpoint::latest(out).ok().flatten();
+    let last = checkpoint::latest(out);
     Error::invalid(format!(
         "step {step}: the {what} is {value}; stopping before applying it. {}",
         match last {
