@@ -743,30 +743,66 @@ struct AttnProblem<'a, T> {
 const BLOCK_Q: usize = 128;
 const BLOCK_K: usize = 128;
 
+/// Where the log-sum-exp of each query row goes: row (b, h, i) is at
+/// `b*batch + h*head + i` (the `[batch, heads, seq]` layout, or a window of
+/// it for a sub-problem).
+#[derive(Clone, Copy, Debug)]
+struct LseLayout {
+    batch: usize,
+    head: usize,
+}
+
+/// One block of query rows, attended: the normalised output rows, and the
+/// running max `m` and sum `l` of each row's softmax (over scaled scores).
+struct AttendedBlock<T> {
+    out: Vec<T>,
+    m: Vec<T>,
+    l: Vec<T>,
+}
+
 /// Tiled attention with an online softmax. Query head h reads key/value head
 /// `h / (q_heads / kv_heads)` (GQA). Rows whose every key is masked give 0
-/// (as the ONNX reference does). Writes into `out` through `out_layout`.
-fn flash_attention<T: Real>(p: &AttnProblem<'_, T>, out: &mut [T], out_layout: HeadLayout) {
+/// (as the ONNX reference does). Writes into `out` through `out_layout`, and,
+/// when asked, `m + ln(l)` of each row (the training backward's log-sum-exp)
+/// into `lse` through its layout; that costs nothing extra, the kernel keeps
+/// m and l anyway.
+fn flash_attention<T: Real>(
+    p: &AttnProblem<'_, T>,
+    out: &mut [T],
+    out_layout: HeadLayout,
+    mut lse: Option<(&mut [T], LseLayout)>,
+) {
     let q_blocks = p.q_len.div_ceil(BLOCK_Q);
     let tasks: Vec<(usize, usize, usize)> = (0..p.batch)
         .flat_map(|b| (0..p.q_heads).flat_map(move |h| (0..q_blocks).map(move |qb| (b, h, qb))))
         .collect();
-    let blocks: Vec<Vec<T>> = tasks
+    let blocks: Vec<AttendedBlock<T>> = tasks
         .par_iter()
         .map(|&(b, h, qb)| attend_block(p, b, h, qb))
         .collect();
     let vd = p.v_head_dim;
     for (&(b, h, qb), block) in tasks.iter().zip(&blocks) {
         let base = out_layout.at(b, h);
-        for (r, row) in block.chunks(vd.max(1)).enumerate() {
+        for (r, row) in block.out.chunks(vd.max(1)).enumerate() {
             let i = qb * BLOCK_Q + r;
             let o = base + i * out_layout.row;
             out[o..o + vd].copy_from_slice(row);
         }
+        if let Some((lse, layout)) = lse.as_mut() {
+            let base = b * layout.batch + h * layout.head + qb * BLOCK_Q;
+            for (r, (&m, &l)) in block.m.iter().zip(&block.l).enumerate() {
+                lse[base + r] = m + l.ln();
+            }
+        }
     }
 }
 
-fn attend_block<T: Real>(p: &AttnProblem<'_, T>, b: usize, h: usize, qb: usize) -> Vec<T> {
+fn attend_block<T: Real>(
+    p: &AttnProblem<'_, T>,
+    b: usize,
+    h: usize,
+    qb: usize,
+) -> AttendedBlock<T> {
     let i0 = qb * BLOCK_Q;
     let rows = BLOCK_Q.min(p.q_len - i0);
     let kvh = h / (p.q_heads / p.kv_heads);
@@ -886,7 +922,7 @@ fn attend_block<T: Real>(p: &AttnProblem<'_, T>, b: usize, h: usize, qb: usize) 
             row.fill(T::ZERO);
         }
     }
-    acc
+    AttendedBlock { out: acc, m, l }
 }
 
 // ---------------------------------------------------------------------------
@@ -1236,7 +1272,7 @@ fn onnx_attention_typed<T: Real>(
     )?;
     let mut y = vec![T::ZERO; out_len];
     let out_layout = layout(g.q_len, g.q_heads, g.v_head_dim);
-    flash_attention(&problem, &mut y, out_layout);
+    flash_attention(&problem, &mut y, out_layout, None);
     let y_shape = if g.three_d {
         vec![g.batch, g.q_len, g.q_heads * g.v_head_dim]
     } else {
@@ -1471,6 +1507,31 @@ pub fn attention(
     v: &Tensor,
     attrs: &AttentionAttrs,
 ) -> Result<Tensor, String> {
+    attention_impl(q, k, v, attrs, false).map(|(out, _)| out)
+}
+
+/// [`attention`] that also returns the log-sum-exp of each query row's
+/// scaled scores over the keys it sees, `[batch, heads, seq]` in q's dtype
+/// (for S²-Attn heads, over the row's group). The output is the very same
+/// computation as `attention`'s, so the two agree bit for bit.
+pub(super) fn attention_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    attrs: &AttentionAttrs,
+) -> Result<(Tensor, Tensor), String> {
+    let (out, lse) = attention_impl(q, k, v, attrs, true)?;
+    let lse = lse.ok_or_else(|| "Attention: the kernel did not report lse".to_string())?;
+    Ok((out, lse))
+}
+
+fn attention_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    attrs: &AttentionAttrs,
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>), String> {
     const OP: &str = "Attention";
     let (heads, kv_heads, hd) = (attrs.num_heads, attrs.num_kv_heads, attrs.head_dim);
     if kv_heads == 0 || heads % kv_heads != 0 {
@@ -1503,7 +1564,7 @@ pub fn attention(
     let causal_offset = match attrs.pattern {
         AttentionPattern::FullCausal => Some(kv_len - q_len),
         AttentionPattern::ShiftedSparse { group, wrap } => {
-            return shifted_sparse_attention(q, k, v, attrs, group, wrap);
+            return shifted_sparse_attention(q, k, v, attrs, group, wrap, want_lse);
         }
     };
     fn run<T: Real>(
@@ -1513,7 +1574,8 @@ pub fn attention(
         (batch, heads, kv_heads, hd, q_len, kv_len): (usize, usize, usize, usize, usize, usize),
         scale: f32,
         causal_offset: Option<usize>,
-    ) -> Vec<T> {
+        want_lse: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
         let p = AttnProblem {
             q,
             q_layout: HeadLayout::bshd(q_len, heads, hd),
@@ -1534,23 +1596,45 @@ pub fn attention(
             bias: None,
         };
         let mut out = vec![T::ZERO; q.len()];
-        flash_attention(&p, &mut out, HeadLayout::bshd(q_len, heads, hd));
-        out
+        let mut lse = want_lse.then(|| vec![T::ZERO; batch * heads * q_len]);
+        let lse_layout = LseLayout {
+            batch: heads * q_len,
+            head: q_len,
+        };
+        flash_attention(
+            &p,
+            &mut out,
+            HeadLayout::bshd(q_len, heads, hd),
+            lse.as_deref_mut().map(|l| (l, lse_layout)),
+        );
+        (out, lse)
     }
     let dims = (batch, heads, kv_heads, hd, q_len, kv_len);
+    let lse_shape = vec![batch, heads, q_len];
     match (&q.data, &k.data, &v.data) {
-        (TensorData::F32(a), TensorData::F32(b), TensorData::F32(c)) => Ok(finish(
-            q.dtype,
-            q.shape.clone(),
-            run(a, b, c, dims, attrs.scale, causal_offset),
-        )),
-        (TensorData::F64(a), TensorData::F64(b), TensorData::F64(c)) => Ok(finish(
-            q.dtype,
-            q.shape.clone(),
-            run(a, b, c, dims, attrs.scale, causal_offset),
-        )),
+        (TensorData::F32(a), TensorData::F32(b), TensorData::F32(c)) => {
+            let (out, lse) = run(a, b, c, dims, attrs.scale, causal_offset, want_lse);
+            Ok(finish_with_lse(q, out, lse, lse_shape))
+        }
+        (TensorData::F64(a), TensorData::F64(b), TensorData::F64(c)) => {
+            let (out, lse) = run(a, b, c, dims, attrs.scale, causal_offset, want_lse);
+            Ok(finish_with_lse(q, out, lse, lse_shape))
+        }
         _ => Err(float_kind_error(OP, "q", q)),
     }
+}
+
+/// The output tensor (q's dtype and shape) and, when computed, the lse tensor.
+fn finish_with_lse<T: Real>(
+    q: &Tensor,
+    out: Vec<T>,
+    lse: Option<Vec<T>>,
+    lse_shape: Vec<usize>,
+) -> (Tensor, Option<Tensor>) {
+    (
+        finish(q.dtype, q.shape.clone(), out),
+        lse.map(|l| finish(q.dtype, lse_shape, l)),
+    )
 }
 
 /// LongLoRA's S²-Attn on `[batch, seq, heads*hd]` q/k/v (see
@@ -1567,7 +1651,8 @@ fn shifted_sparse_attention(
     attrs: &AttentionAttrs,
     group: GroupSize,
     wrap: bool,
-) -> Result<Tensor, String> {
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>), String> {
     const OP: &str = "Attention (shifted sparse)";
     let (heads, kv_heads, hd) = (attrs.num_heads, attrs.num_kv_heads, attrs.head_dim);
     if heads % 2 != 0 {
@@ -1583,7 +1668,8 @@ fn shifted_sparse_attention(
         ));
     }
     if len == 0 {
-        return Ok(q.clone());
+        let lse = want_lse.then(|| Tensor::zeros(q.dtype, vec![batch, heads, 0]));
+        return Ok((q.clone(), lse));
     }
     let g = group.tokens(len);
     if g > len {
@@ -1598,7 +1684,8 @@ fn shifted_sparse_attention(
         (batch, heads, kv_heads, hd, len): (usize, usize, usize, usize, usize),
         scale: f32,
         (g, wrap): (usize, bool),
-    ) -> Vec<T> {
+        want_lse: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
         let shift = g / 2;
         let (qw, kw) = (heads * hd, kv_heads * hd);
         let roll = |t: &[T], width: usize, back: bool| -> Vec<T> {
@@ -1628,6 +1715,14 @@ fn shifted_sparse_attention(
         let rolled = wrap.then(|| (roll(q, qw, false), roll(k, kw, false), roll(v, kw, false)));
         let mut out = vec![T::ZERO; q.len()];
         let mut shifted_out = wrap.then(|| vec![T::ZERO; q.len()]);
+        let lse_len = batch * heads * len;
+        let mut lse = want_lse.then(|| vec![T::ZERO; lse_len]);
+        // With wrap, the shifted heads' lse is in rolled positions, like their output.
+        let mut shifted_lse = (want_lse && wrap).then(|| vec![T::ZERO; lse_len]);
+        let lse_layout = LseLayout {
+            batch: heads * len,
+            head: len,
+        };
         let per_kv = heads / kv_heads;
         let half = heads / 2;
         // One sub-problem per (kv head, head half, group): the query heads
@@ -1643,17 +1738,19 @@ fn shifted_sparse_attention(
                 if a >= b {
                     continue;
                 }
-                let (src_q, src_k, src_v, dst, bounds) = match (shifted, &rolled) {
-                    (false, _) => (q, k, v, &mut out, groups(0)),
-                    (true, None) => (q, k, v, &mut out, groups(shift)),
+                let (src_q, src_k, src_v, dst, dst_lse, bounds) = match (shifted, &rolled) {
+                    (false, _) => (q, k, v, &mut out, lse.as_deref_mut(), groups(0)),
+                    (true, None) => (q, k, v, &mut out, lse.as_deref_mut(), groups(shift)),
                     (true, Some((rq, rk, rv))) => (
                         &rq[..],
                         &rk[..],
                         &rv[..],
                         shifted_out.as_mut().expect("allocated with wrap"),
+                        shifted_lse.as_deref_mut(),
                         groups(0),
                     ),
                 };
+                let mut dst_lse = dst_lse;
                 for (s, e) in bounds {
                     let n = e - s;
                     let p = AttnProblem {
@@ -1679,6 +1776,9 @@ fn shifted_sparse_attention(
                         &p,
                         &mut dst[s * qw + a * hd..],
                         HeadLayout::bshd(len, heads, hd),
+                        dst_lse
+                            .as_deref_mut()
+                            .map(|l| (&mut l[a * len + s..], lse_layout)),
                     );
                 }
             }
@@ -1690,20 +1790,29 @@ fn shifted_sparse_attention(
                 out[r..(row + 1) * qw].copy_from_slice(&back[r..(row + 1) * qw]);
             }
         }
-        out
+        if let (Some(lse), Some(sl)) = (lse.as_mut(), shifted_lse.as_ref()) {
+            for b in 0..batch {
+                for h in half..heads {
+                    let base = b * lse_layout.batch + h * lse_layout.head;
+                    for p in 0..len {
+                        lse[base + (p + shift) % len] = sl[base + p];
+                    }
+                }
+            }
+        }
+        (out, lse)
     }
     let dims = (batch, heads, kv_heads, hd, len);
+    let lse_shape = vec![batch, heads, len];
     match (&q.data, &k.data, &v.data) {
-        (TensorData::F32(a), TensorData::F32(b), TensorData::F32(c)) => Ok(finish(
-            q.dtype,
-            q.shape.clone(),
-            run(a, b, c, dims, attrs.scale, (g, wrap)),
-        )),
-        (TensorData::F64(a), TensorData::F64(b), TensorData::F64(c)) => Ok(finish(
-            q.dtype,
-            q.shape.clone(),
-            run(a, b, c, dims, attrs.scale, (g, wrap)),
-        )),
+        (TensorData::F32(a), TensorData::F32(b), TensorData::F32(c)) => {
+            let (out, lse) = run(a, b, c, dims, attrs.scale, (g, wrap), want_lse);
+            Ok(finish_with_lse(q, out, lse, lse_shape))
+        }
+        (TensorData::F64(a), TensorData::F64(b), TensorData::F64(c)) => {
+            let (out, lse) = run(a, b, c, dims, attrs.scale, (g, wrap), want_lse);
+            Ok(finish_with_lse(q, out, lse, lse_shape))
+        }
         _ => Err(float_kind_error(OP, "q", q)),
     }
 }
