@@ -16,7 +16,11 @@ use std::collections::HashMap;
 fn check(name: &str, got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.shape, want.shape, "{name}: shape");
     let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
-    let diff = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let diff = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
     assert!(
         diff <= 1e-4 * scale + 1e-7,
@@ -26,7 +30,6 @@ fn check(name: &str, got: &Tensor, want: &Tensor) -> f64 {
 }
 
 #[test]
-#[ignore = "needs attention kernels"]
 fn loss_and_gradients_match_pytorch_peft() {
     let dir = fixtures().join("grad");
     let mut golden = read(&dir.join("golden.safetensors"));
@@ -66,5 +69,8 @@ fn loss_and_gradients_match_pytorch_peft() {
         worst.0, worst.1
     );
     let left: Vec<&String> = golden.keys().collect();
-    assert!(left.is_empty(), "PyTorch gradients lcc did not produce: {left:?}");
+    assert!(
+        left.is_empty(),
+        "PyTorch gradients lcc did not produce: {left:?}"
+    );
 }

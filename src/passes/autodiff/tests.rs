@@ -293,7 +293,6 @@ fn tiny_model_structure_after_autodiff() {
 }
 
 #[test]
-#[ignore = "needs attention kernels"]
 fn tiny_model_gradients_match_finite_differences() {
     let mut g = tiny_training_graph("");
     let info = autodiff(&mut g, &AutodiffOptions::default()).unwrap();
@@ -302,7 +301,6 @@ fn tiny_model_gradients_match_finite_differences() {
 }
 
 #[test]
-#[ignore = "needs attention kernels"]
 fn tiny_model_full_finetuning_and_s2attn_match_finite_differences() {
     // Every weight trainable (pretraining), shifted sparse attention.
     let mut g = tiny_training_graph(",s2attn");
