@@ -188,10 +188,23 @@ impl<'g> DecodeSession<'g> {
 
     /// Runs the graph on `tokens` (which follow those fed before) and
     /// returns their logits, `[1, tokens.len(), vocab]`.
+    /// On error the session is as it was before the call.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(Error::invalid("feed at least one token"));
         }
+        let result = self.step(tokens);
+        if result.is_err() {
+            // Layers before the failing node have cached the new rows.
+            let len = self.len;
+            for c in self.caches.values_mut() {
+                c.truncate(len);
+            }
+        }
+        result
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let n = tokens.len();
         let ids = Tensor::i64(vec![1, n], tokens.iter().map(|&t| t as i64).collect());
         let positions = Tensor::i64(
@@ -304,6 +317,22 @@ pub fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Cache {
+    fn truncate(&mut self, len: usize) {
+        if len == 0 {
+            *self = Cache::empty();
+            return;
+        }
+        for t in [&mut self.k, &mut self.v] {
+            let width = t.shape[2];
+            match &mut t.data {
+                TensorData::F32(d) => d.truncate(len * width),
+                TensorData::F64(d) => d.truncate(len * width),
+                _ => {}
+            }
+            t.shape[1] = t.shape[1].min(len);
+        }
+    }
+
     fn empty() -> Cache {
         Cache {
             k: Tensor::f32(vec![1, 0, 0], Vec::new()),
@@ -414,6 +443,21 @@ mod tests {
         let b = s.feed(&toks).unwrap();
         assert_eq!(a.to_f64_vec(), b.to_f64_vec());
         assert!(s.feed(&[]).is_err());
+        // A token outside the vocabulary fails in Embedding, before any
+        // cache grows; the session carries on as if it was never fed.
+        assert!(s.feed(&[1000]).is_err());
+        assert_eq!(s.len(), toks.len());
+        s.reset();
+        s.feed(&toks[..4]).unwrap();
+        let rest = s.feed(&toks[4..]).unwrap();
+        let want = &a.to_f64_vec()[4 * 256..];
+        let diff = rest
+            .to_f64_vec()
+            .iter()
+            .zip(want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]
