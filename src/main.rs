@@ -595,7 +595,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             warmup,
             threads,
             json,
-        } => bench(&config, &seq_len, batch, &attention, train_embed_norm, steps, warmup, threads, json),
+        } => bench(
+            &config,
+            &seq_len,
+            batch,
+            &attention,
+            train_embed_norm,
+            steps,
+            warmup,
+            threads,
+            json,
+        ),
         Command::Init {
             config,
             seed,
@@ -843,8 +853,26 @@ impl RunTrainArgs {
         macro_rules! take_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
-        take!(valid_fraction, token_bits, seq_len, steps, batch_size, grad_accum, lr, warmup);
-        take!(beta1, beta2, eps, weight_decay, momentum, max_grad_norm, seed, save_every);
+        take!(
+            valid_fraction,
+            token_bits,
+            seq_len,
+            steps,
+            batch_size,
+            grad_accum,
+            lr,
+            warmup
+        );
+        take!(
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            momentum,
+            max_grad_norm,
+            seed,
+            save_every
+        );
         take!(keep_checkpoints, eval_every, eval_batches, log_every);
         // A recipe on the command line replaces passes from the config file
         // and vice versa.
@@ -854,7 +882,16 @@ impl RunTrainArgs {
         if self.pipeline.is_some() {
             c.passes = None;
         }
-        take_opt!(model, pipeline, passes, init_adapter, init_trainable, threads, out, save_dtype);
+        take_opt!(
+            model,
+            pipeline,
+            passes,
+            init_adapter,
+            init_trainable,
+            threads,
+            out,
+            save_dtype
+        );
         if !self.set.is_empty() {
             c.set.extend(self.set);
         }
@@ -912,7 +949,9 @@ fn run_train(args: RunTrainArgs) -> Result<ExitCode> {
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupted: writing a checkpoint after this step (Ctrl-C again to abort)");
+            eprintln!(
+                "\ninterrupted: writing a checkpoint after this step (Ctrl-C again to abort)"
+            );
         });
     }
     let mut trainer = Trainer::new(cfg)?;

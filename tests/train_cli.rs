@@ -84,7 +84,12 @@ fn metrics(out: &Path) -> Vec<(u64, u64, u64, u64)> {
                 assert!(v.get(key).is_some(), "metrics line lacks {key}: {l}");
             }
             let f = |k: &str| v[k].as_f64().unwrap().to_bits();
-            (v["step"].as_u64().unwrap(), f("loss"), f("lr"), f("grad_norm"))
+            (
+                v["step"].as_u64().unwrap(),
+                f("loss"),
+                f("lr"),
+                f("grad_norm"),
+            )
         })
         .collect()
 }
@@ -174,7 +179,13 @@ fn yaml_config_supplies_options_and_the_command_line_wins() {
         ),
     )
     .unwrap();
-    let o = lcc(&["run-train", "--config", cfg.to_str().unwrap(), "--steps", "2"]);
+    let o = lcc(&[
+        "run-train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "2",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(metrics(&out).len(), 2);
 
@@ -285,5 +296,8 @@ fn init_writes_a_model_that_loads_and_trains_fully() {
         "full training should lower the loss: {first} → {last}"
     );
     let trained = lcc::hf::load(&out.join("model")).unwrap();
-    assert_eq!(trained.weights.len(), lcc::hf::load(&init).unwrap().weights.len());
+    assert_eq!(
+        trained.weights.len(),
+        lcc::hf::load(&init).unwrap().weights.len()
+    );
 }

@@ -134,8 +134,14 @@ pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
 
 /// The recipes in `passes/`, built in.
 pub const BUILTIN_RECIPES: &[(&str, &str)] = &[
-    ("longlora-train", include_str!("../../passes/longlora-train.yaml")),
-    ("longlora-infer", include_str!("../../passes/longlora-infer.yaml")),
+    (
+        "longlora-train",
+        include_str!("../../passes/longlora-train.yaml"),
+    ),
+    (
+        "longlora-infer",
+        include_str!("../../passes/longlora-infer.yaml"),
+    ),
     ("lora-train", include_str!("../../passes/lora-train.yaml")),
     ("cleanup", include_str!("../../passes/cleanup.yaml")),
 ];
@@ -238,7 +244,9 @@ impl Pipeline {
         let stem = name_or_path.trim_end_matches(".yaml");
         let stem = stem.strip_prefix("passes/").unwrap_or(stem);
         match BUILTIN_RECIPES.iter().find(|(n, _)| *n == stem) {
-            Some((n, text)) => Self::from_yaml_str(text, &Path::new("passes").join(format!("{n}.yaml"))),
+            Some((n, text)) => {
+                Self::from_yaml_str(text, &Path::new("passes").join(format!("{n}.yaml")))
+            }
             None => Err(Error::invalid(format!(
                 "no recipe '{name_or_path}': not a file, and not one of the built-in recipes ({})",
                 BUILTIN_RECIPES

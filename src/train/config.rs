@@ -192,7 +192,10 @@ impl TrainConfig {
             return bad("--batch-size and --grad-accum must be at least 1".into());
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return bad(format!("--lr must be a non-negative number (got {})", self.lr));
+            return bad(format!(
+                "--lr must be a non-negative number (got {})",
+                self.lr
+            ));
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad(format!(

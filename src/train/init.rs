@@ -66,7 +66,7 @@ fn normal(n: usize, std: f64, seed: u64, name: &str) -> Vec<f32> {
 }
 
 /// Records the weights' dtype in the graph's config (`torch_dtype`).
-fn set_config_dtype(graph: &mut Graph, dt: DType) -> Result<()> {
+pub fn set_config_dtype(graph: &mut Graph, dt: DType) -> Result<()> {
     let key = crate::hf::CONFIG_PROP;
     let Some(text) = graph.meta.prop(key).map(str::to_string) else {
         return Ok(());
@@ -119,11 +119,23 @@ mod tests {
         let g = init_model(&cfg, 1, Some(DType::BF16)).unwrap();
         let norm = g.weights.get("model.norm.weight").unwrap();
         assert_eq!(norm.dtype, DType::BF16);
-        assert!(norm.to_tensor().unwrap().to_f64_vec().iter().all(|&x| x == 1.0));
-        let q = g.weights.get("model.layers.0.self_attn.q_proj.weight").unwrap();
+        assert!(norm
+            .to_tensor()
+            .unwrap()
+            .to_f64_vec()
+            .iter()
+            .all(|&x| x == 1.0));
+        let q = g
+            .weights
+            .get("model.layers.0.self_attn.q_proj.weight")
+            .unwrap();
         assert_eq!(q.shape, vec![64, 64]);
         let vals = q.to_tensor().unwrap().to_f64_vec();
         assert!(vals.iter().any(|&x| x != 0.0));
-        assert!(g.meta.prop(crate::hf::CONFIG_PROP).unwrap().contains("bfloat16"));
+        assert!(g
+            .meta
+            .prop(crate::hf::CONFIG_PROP)
+            .unwrap()
+            .contains("bfloat16"));
     }
 }

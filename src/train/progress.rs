@@ -34,10 +34,8 @@ pub fn train_with_progress(trainer: &mut Trainer, stop: &AtomicBool) -> Result<S
     let bar = if terminal {
         let bar = ProgressBar::new(cfg.steps);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_position(trainer.step());
         Some(bar)
@@ -72,19 +70,15 @@ pub fn train_with_progress(trainer: &mut Trainer, stop: &AtomicBool) -> Result<S
             "done: {} steps in {:.1} s; last loss {}{}",
             summary.steps_run,
             summary.elapsed_s,
-            summary
-                .last_loss
-                .map_or("-".into(), |l| format!("{l:.4}")),
-            summary
-                .valid_loss
-                .map_or(String::new(), |l| format!(
-                    "; validation loss {l:.4} (ppl {:.2})",
-                    l.exp()
-                ))
+            summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            summary.valid_loss.map_or(String::new(), |l| format!(
+                "; validation loss {l:.4} (ppl {:.2})",
+                l.exp()
+            ))
         ),
-        Finish::Interrupted { step } => println!(
-            "interrupted after step {step}: checkpoint written; continue with --resume"
-        ),
+        Finish::Interrupted { step } => {
+            println!("interrupted after step {step}: checkpoint written; continue with --resume")
+        }
     }
     for p in &summary.outputs {
         println!("wrote {}", p.display());

@@ -111,7 +111,9 @@ fn trainable_to_f32(graph: &mut Graph) -> Result<()> {
         }
         // f16/bf16 values are held as f32 already.
         t.dtype = DType::F32;
-        graph.weights.insert(Weight::from_tensor(name.clone(), &t, true));
+        graph
+            .weights
+            .insert(Weight::from_tensor(name.clone(), &t, true));
     }
     let nodes: Vec<_> = graph.g.node_indices().collect();
     for n in nodes {
@@ -280,7 +282,10 @@ impl Trainer {
         }
         let yaml = trainer.cfg.to_yaml()?;
         std::fs::write(trainer.out.join("run.yaml"), yaml).map_err(|e| {
-            Error::invalid(format!("cannot write {}: {e}", trainer.out.join("run.yaml").display()))
+            Error::invalid(format!(
+                "cannot write {}: {e}",
+                trainer.out.join("run.yaml").display()
+            ))
         })?;
         Ok(trainer)
     }
@@ -322,9 +327,9 @@ impl Trainer {
         };
         let ck = checkpoint::load(&dir)?;
         for (name, t) in &ck.trainable {
-            self.session.set_weight(name, t.clone()).map_err(|e| {
-                Error::invalid(format!("{}: {e}", dir.display()))
-            })?;
+            self.session
+                .set_weight(name, t.clone())
+                .map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?;
         }
         let opt: HashMap<String, Tensor> = ck.optimizer.into_iter().collect();
         self.optimizer.load_state(&opt, ck.state.optimizer_steps)?;
@@ -350,7 +355,10 @@ impl Trainer {
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let mut weights = Vec::with_capacity(self.info.grads.len());
         for (w, _) in &self.info.grads {
-            let t = self.session.weight(w).expect("trainable weights are resident");
+            let t = self
+                .session
+                .weight(w)
+                .expect("trainable weights are resident");
             weights.push((w.clone(), t.clone()));
         }
         let state = TrainState {
@@ -418,7 +426,12 @@ impl Trainer {
             clip_grad_norm(&mut views, max_norm)
         };
         if !grad_norm.is_finite() {
-            return Err(nonfinite(step_no, "gradient norm", grad_norm as f64, &self.out));
+            return Err(nonfinite(
+                step_no,
+                "gradient norm",
+                grad_norm as f64,
+                &self.out,
+            ));
         }
         let lr = self.schedule.lr_at(self.step);
         let names: Vec<String> = self.info.grads.iter().map(|(w, _)| w.clone()).collect();
@@ -516,11 +529,15 @@ impl Trainer {
     pub fn write_outputs(&mut self) -> Result<Vec<PathBuf>> {
         let out = self.out.clone();
         let save_dtype = self.cfg.save_dtype.clone();
-        let base_dtypes: HashMap<String, DType> = crate::model::load(
-            self.cfg.model.as_deref().expect("validated"),
-        )
-        .map(|g| g.weights.iter().map(|w| (w.name.clone(), w.dtype)).collect())
-        .unwrap_or_default();
+        let base_dtypes: HashMap<String, DType> =
+            crate::model::load(self.cfg.model.as_deref().expect("validated"))
+                .map(|g| {
+                    g.weights
+                        .iter()
+                        .map(|w| (w.name.clone(), w.dtype))
+                        .collect()
+                })
+                .unwrap_or_default();
         let graph = self.sync_forward()?.clone();
         let mut written = Vec::new();
         let has_lora = graph
@@ -542,7 +559,9 @@ impl Trainer {
             let names: Vec<String> = g.weights.iter().map(|w| w.name.clone()).collect();
             for name in names {
                 let w = g.weights.get(&name).expect("listed");
-                let dt = target.or(base_dtypes.get(&name).copied()).unwrap_or(w.dtype);
+                let dt = target
+                    .or(base_dtypes.get(&name).copied())
+                    .unwrap_or(w.dtype);
                 if dt != w.dtype {
                     let mut t = w.to_tensor()?;
                     t.dtype = dt;
@@ -552,6 +571,9 @@ impl Trainer {
                     w.trainable = false;
                     g.weights.insert(w);
                 }
+            }
+            if let Some(dt) = target {
+                super::init::set_config_dtype(&mut g, dt)?;
             }
             let dir = out.join("model");
             crate::hf::save(&g, &dir)?;

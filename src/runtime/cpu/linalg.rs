@@ -350,8 +350,14 @@ fn broadcast_offsets(target: &[usize], strides: &[usize]) -> Vec<usize> {
     offs
 }
 
+/// Both operands must have one type, except that an f32 operand may meet an
+/// f16/bf16 one (both are held as f32; the product is f32): the backward
+/// pass multiplies f32 gradients by frozen half-precision weights.
 fn same_storage(a: &Tensor, b: &Tensor, op: &str) -> Result<(), String> {
-    if a.dtype != b.dtype {
+    let half = |d: DType| matches!(d, DType::F16 | DType::BF16);
+    let mixed_ok =
+        (a.dtype == DType::F32 && half(b.dtype)) || (b.dtype == DType::F32 && half(a.dtype));
+    if a.dtype != b.dtype && !mixed_ok {
         return Err(format!(
             "{op} inputs have different types ({} and {}); insert a Cast",
             a.dtype, b.dtype
@@ -419,7 +425,11 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
         .collect();
     // A weight without batch dims against a full batch of rows: one product.
     let fold = nb_b == 1 && nb_a == nbatch;
-    let dtype = a.dtype;
+    let dtype = if a.dtype == b.dtype {
+        a.dtype
+    } else {
+        DType::F32
+    };
     let data = match (&a.data, &b.data) {
         (TensorData::F32(x), TensorData::F32(y)) => TensorData::F32(batched::<f32>(
             x, y, m, n, k, nbatch, &a_offs, &b_offs, fold,
