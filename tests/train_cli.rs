@@ -207,6 +207,11 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_checkpoint() {
         out.to_str().unwrap(),
         "20",
     );
+    // Replace the learning rate and warmup of the common arguments.
+    for flag in ["--lr", "--warmup"] {
+        let i = args.iter().position(|a| *a == flag).unwrap();
+        args.drain(i..i + 2);
+    }
     args.extend([
         "--lr",
         "1e30",

@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn init_builds_the_fixture_shapes_with_unit_norms() {
-        let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/config.json");
+        let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/hf/config.json");
         let g = init_model(&cfg, 1, Some(DType::BF16)).unwrap();
         let norm = g.weights.get("model.norm.weight").unwrap();
         assert_eq!(norm.dtype, DType::BF16);
