@@ -306,3 +306,69 @@ fn init_writes_a_model_that_loads_and_trains_fully() {
         lcc::hf::load(&init).unwrap().weights.len()
     );
 }
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_text(tmp.path());
+    let model = tiny().join("hf");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+
+    let full = tmp.path().join("full");
+    let o = lcc(&train_args(m, d, full.to_str().unwrap(), "400"));
+    assert!(o.status.success(), "{}", text(&o));
+
+    let cut = tmp.path().join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lcc"))
+        .args(train_args(m, d, cut.to_str().unwrap(), "400"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once a few steps are logged.
+    let metrics_file = cut.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&metrics_file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= 3 {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before it could be interrupted: {status}");
+        }
+        assert!(start.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let stopped = metrics(&cut).len();
+    assert!(stopped < 400, "the run ended before the signal arrived");
+    {
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            cut.join(format!("checkpoints/step-{stopped}")).is_dir(),
+            "no checkpoint for step {stopped}"
+        );
+        assert!(cut.join("adapter/adapter_model.safetensors").is_file());
+        let mut args = train_args(m, d, cut.to_str().unwrap(), "400");
+        args.push("--resume");
+        let o = lcc(&args);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert_eq!(
+        metrics(&full),
+        metrics(&cut),
+        "interrupted + resumed run differs"
+    );
+}
