@@ -167,6 +167,10 @@ enum Command {
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// After each row, print the time per step spent in each op kind
+        /// (and the optimizer).
+        #[arg(long)]
+        profile: bool,
     },
     /// Write a randomly initialised model (a Hugging Face dir) from a
     /// config.json, for pretraining and benchmarks.
@@ -595,6 +599,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             warmup,
             threads,
             json,
+            profile,
         } => bench(
             &config,
             &seq_len,
@@ -605,6 +610,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             warmup,
             threads,
             json,
+            profile,
         ),
         Command::Init {
             config,
@@ -973,6 +979,7 @@ fn bench(
     warmup: usize,
     threads: Option<usize>,
     json: bool,
+    profile: bool,
 ) -> Result<ExitCode> {
     use lcc::train::bench::{bench_train_step, BenchOptions};
     let patterns: &[bool] = match attention {
@@ -1014,6 +1021,23 @@ fn bench(
                     r.tokens_per_s,
                     r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0} MB"))
                 );
+            }
+            if profile && !json {
+                println!(
+                    "        output buffers per step: {} reused, {} allocated",
+                    r.buffers_reused, r.buffers_allocated
+                );
+                let total: f64 = r.profile.iter().map(|p| p.2).sum();
+                println!(
+                    "        {:<20} {:>7} {:>9} {:>6}",
+                    "op", "nodes", "ms/step", "%"
+                );
+                for (op, n, ms) in &r.profile {
+                    println!(
+                        "        {op:<20} {n:>7} {ms:>9.2} {:>5.1}%",
+                        100.0 * ms / total.max(1e-12)
+                    );
+                }
             }
         }
     }

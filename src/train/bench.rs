@@ -11,7 +11,7 @@ use crate::runtime::Session;
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -43,6 +43,13 @@ pub struct BenchResult {
     /// Peak resident memory of the process so far (Linux VmHWM).
     pub peak_rss_mb: Option<f64>,
     pub trainable_params: u64,
+    /// Where a timed step's time goes: (op, nodes per step, ms per step),
+    /// slowest first; the optimizer appears as `optimizer`.
+    pub profile: Vec<(String, usize, f64)>,
+    /// Kernel output buffers of the last timed step taken from the
+    /// session's pool, and allocated anew.
+    pub buffers_reused: usize,
+    pub buffers_allocated: usize,
 }
 
 /// Peak resident set size of this process in MB (Linux), if known.
@@ -107,9 +114,12 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
     inputs.insert("labels".to_string(), ids.clone());
     inputs.insert("input_ids".to_string(), ids);
     let mut times = Vec::with_capacity(opts.steps);
+    let mut profile: BTreeMap<&'static str, (usize, f64)> = BTreeMap::new();
+    let mut buffers = (0, 0);
     for i in 0..opts.warmup_steps + opts.steps {
         let start = Instant::now();
-        let outs = session.run(&inputs)?;
+        let (outs, stats) = session.run_with_stats(&inputs)?;
+        let opt_start = Instant::now();
         let grads: Vec<&[f32]> = info
             .grads
             .iter()
@@ -128,10 +138,29 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
             })
             .collect();
         optimizer.step(&mut slices, &grads, 1e-4)?;
+        drop(slices);
+        drop(params);
+        drop(grads);
+        session.reclaim(outs);
         if i >= opts.warmup_steps {
             times.push(start.elapsed().as_secs_f64() * 1e3);
+            for (op, (n, t)) in stats.op_time {
+                let e = profile.entry(op).or_default();
+                e.0 += n;
+                e.1 += t.as_secs_f64() * 1e3;
+            }
+            buffers = (stats.buffers_reused, stats.buffers_allocated);
+            let e = profile.entry("optimizer").or_default();
+            e.0 += 1;
+            e.1 += opt_start.elapsed().as_secs_f64() * 1e3;
         }
     }
+    let denom = times.len().max(1);
+    let mut profile: Vec<(String, usize, f64)> = profile
+        .into_iter()
+        .map(|(op, (n, ms))| (op.to_string(), n / denom, ms / denom as f64))
+        .collect();
+    profile.sort_by(|a, b| b.2.total_cmp(&a.2));
     times.sort_by(f64::total_cmp);
     let median = if times.is_empty() {
         0.0
@@ -153,5 +182,8 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
         tokens_per_s: (opts.batch * opts.seq_len) as f64 / (median / 1e3).max(1e-12),
         peak_rss_mb: peak_rss_mb(),
         trainable_params: sizes.iter().map(|(_, n)| *n as u64).sum(),
+        profile,
+        buffers_reused: buffers.0,
+        buffers_allocated: buffers.1,
     })
 }

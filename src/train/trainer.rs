@@ -411,6 +411,7 @@ impl Trainer {
                     *a += x;
                 }
             }
+            self.session.reclaim(outs);
         }
         if k > 1 {
             let inv = 1.0 / k as f32;

@@ -283,7 +283,7 @@ struct SegmentGrad<T> {
     dv: Vec<T>,
 }
 
-fn backward<T: ExpMinus>(
+fn backward<T: Real>(
     x: &Inputs<'_, T>,
     dims: Dims,
     segments: &[Segment],
@@ -304,9 +304,9 @@ fn backward<T: ExpMinus>(
         .collect();
     let (qw, kw) = (heads * hd, kv_heads * hd);
     let per_kv = heads / kv_heads;
-    let mut dq = vec![T::ZERO; x.q.len()];
-    let mut dk = vec![T::ZERO; x.k.len()];
-    let mut dv = vec![T::ZERO; x.v.len()];
+    let mut dq = T::zeroed(x.q.len());
+    let mut dk = T::zeroed(x.k.len());
+    let mut dv = T::zeroed(x.v.len());
     for (seg, g) in segments.iter().zip(&grads) {
         let kvh = seg.head / per_kv;
         for p in 0..seg.len {
@@ -329,7 +329,7 @@ fn backward<T: ExpMinus>(
 }
 
 /// The backward of one causal segment (see the module comment).
-fn segment_grad<T: ExpMinus>(
+fn segment_grad<T: Real>(
     x: &Inputs<'_, T>,
     dims: Dims,
     seg: &Segment,
@@ -409,7 +409,7 @@ fn segment_grad<T: ExpMinus>(
                 } else {
                     (i + 1).saturating_sub(j0).min(cols)
                 };
-                T::exp_minus(&mut row[..visible], l);
+                T::exp_sub(&mut row[..visible], l);
                 row[visible..].fill(T::ZERO);
             }
             let p_ij = MatRef::row_major(&p_tile, 0, BLOCK_K);
@@ -477,60 +477,6 @@ fn segment_grad<T: ExpMinus>(
         j0 += cols;
     }
     SegmentGrad { dq, dk, dv }
-}
-
-/// `x ← exp(x − shift)` over a row of scores: the backward's one
-/// transcendental per tile element.
-trait ExpMinus: Real {
-    fn exp_minus(row: &mut [Self], shift: Self);
-}
-
-impl ExpMinus for f64 {
-    /// f64 is for finite-difference checks: the library exp, exactly.
-    fn exp_minus(row: &mut [f64], shift: f64) {
-        for x in row {
-            *x = (*x - shift).exp();
-        }
-    }
-}
-
-impl ExpMinus for f32 {
-    /// A branch-free exp that the compiler vectorises (libm's `expf` is a
-    /// call per element and was a quarter of the backward's time): Cody–Waite
-    /// reduction to r ∈ [−ln2/2, ln2/2], Cephes' degree-6 polynomial, and
-    /// 2ⁿ built in the exponent bits. Relative error ≲ 2e-7 (a couple of
-    /// ulps); arguments below −87 (weights under 1e-38) give 0.
-    fn exp_minus(row: &mut [f32], shift: f32) {
-        for x in row {
-            *x = fast_exp(*x - shift);
-        }
-    }
-}
-
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    // 1.5·2²³: adding it rounds to an integer, held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
-    let underflow = x < -87.0;
-    let xc = x.clamp(-87.0, 88.0);
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    // t's bits are MAGIC's plus n; shifting n+127 into the exponent field
-    // drops MAGIC's bits (n ∈ [−126, 127] after the clamp).
-    let two_n = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
-    if underflow {
-        0.0
-    } else {
-        y * two_n
-    }
 }
 
 /// Rows `r0..` of a row-major matrix `width` wide.

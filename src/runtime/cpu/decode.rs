@@ -270,7 +270,7 @@ impl<'g> DecodeSession<'g> {
                         nn::attention(q, &cache.k, &cache.v, attrs).map_err(fail)?,
                     )]
                 }
-                op => run_kernel(op, ins, node.outputs.len()).map_err(fail)?,
+                op => run_kernel(op, &mut { ins }, node.outputs.len()).map_err(fail)?,
             };
             let slots = &mut values[n_idx.index()];
             *slots = outs.into_iter().map(Some).collect();

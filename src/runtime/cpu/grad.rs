@@ -10,6 +10,7 @@
 //! chunk order, so results never depend on the number of threads.
 
 use super::linalg::{finish, gemm_strided, numel_of, MatRef, Real};
+use super::nn::RopeSetup;
 use crate::ir::{DType, RopeAttrs, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -170,7 +171,7 @@ pub fn cross_entropy_grad(
     let count = targets.iter().filter(|t| t.is_some()).count();
     let coef = if count == 0 { 0.0 } else { dl / count as f64 };
     fn run<T: Real>(x: &[T], vocab: usize, targets: &[Option<usize>], coef: f64) -> Vec<T> {
-        let mut out = vec![T::ZERO; x.len()];
+        let mut out = T::zeroed(x.len());
         if vocab == 0 {
             return out;
         }
@@ -239,7 +240,7 @@ pub fn rms_norm_grad(
         ));
     }
     fn run<T: Real>(x: &[T], w: &[T], dy: &[T], hidden: usize, eps: f32) -> (Vec<T>, Vec<T>) {
-        let mut dx = vec![T::ZERO; x.len()];
+        let mut dx = T::zeroed(x.len());
         if hidden == 0 {
             return (dx, Vec::new());
         }
@@ -307,30 +308,6 @@ pub fn rms_norm_grad(
 /// Reads RoPE's position ids as the forward does: `[batch, seq]` (batch 1
 /// broadcasts), `[seq]`, or `0..seq` when absent. Returns the ids and their
 /// batch size.
-fn rope_positions(
-    op: &str,
-    positions: Option<&Tensor>,
-    batch: usize,
-    seq: usize,
-) -> Result<(Vec<i64>, usize), String> {
-    match positions {
-        None => Ok(((0..seq as i64).collect(), 1)),
-        Some(p) => {
-            let ids = p
-                .as_i64()
-                .ok_or_else(|| format!("{op} position_ids must be integers, got {}", p.dtype))?;
-            match *p.shape.as_slice() {
-                [s] if s == seq => Ok((ids.to_vec(), 1)),
-                [pb, s] if s == seq && (pb == batch || pb == 1) => Ok((ids.to_vec(), pb)),
-                _ => Err(format!(
-                    "{op} position_ids of shape {:?} do not match [batch={batch}, seq={seq}] or [seq]",
-                    p.shape
-                )),
-            }
-        }
-    }
-}
-
 /// The transpose of [`super::nn::rope`]: each rotated pair `(x1, x2)` went
 /// through `[[c, −s], [s, c]]`, so the gradient goes through its transpose
 /// `[[c, s], [−s, c]]` (rotation by −θ), with the very cos/sin the forward
@@ -341,76 +318,38 @@ pub fn rope_grad(
     positions: Option<&Tensor>,
     attrs: &RopeAttrs,
 ) -> Result<Tensor, String> {
-    const OP: &str = "RopeGrad";
-    let (batch, seq, hidden) = match *dy.shape.as_slice() {
-        [b, s, h] => (b, s, h),
-        _ => {
-            return Err(format!(
-                "{OP} input must be [batch, seq, heads*head_dim], got {:?}",
-                dy.shape
-            ))
-        }
-    };
-    let (heads, hd, rd) = (attrs.num_heads, attrs.head_dim, attrs.rotary_dim);
-    if heads.checked_mul(hd) != Some(hidden) {
-        return Err(format!(
-            "{OP} input hidden size {hidden} is not heads ({heads}) × head_dim ({hd})"
-        ));
-    }
-    if rd > hd || rd % 2 != 0 {
-        return Err(format!(
-            "{OP} rotary_dim {rd} must be even and at most head_dim {hd}"
-        ));
-    }
-    let (positions, pos_batch) = rope_positions(OP, positions, batch, seq)?;
-    let seq_len = positions.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
-    let (cos, sin) = crate::ir::rope::cos_sin(attrs, &positions, seq_len);
+    let setup = RopeSetup::new("RopeGrad", dy, positions, attrs)?;
     let dtype = dy.dtype;
-    fn run<T: Real>(
-        dy: &[T],
-        cos: &[f32],
-        sin: &[f32],
-        (seq, hidden, pos_batch): (usize, usize, usize),
-        (hd, rd): (usize, usize),
-        dtype: DType,
-    ) -> Vec<T> {
-        let r = |v: f32| T::round_one(dtype, T::from_f64(v as f64));
-        let half = rd / 2;
-        let mut out = dy.to_vec();
+    fn run<T: Real>(dy: &[T], st: &RopeSetup, dtype: DType) -> Vec<T> {
+        let mut out = T::copy_of(dy);
+        let (hidden, hd, rd) = (st.hidden, st.head_dim, st.rotary_dim);
         if hidden == 0 || rd == 0 {
             return out;
         }
+        let half = rd / 2;
+        let (cos, sin) = st.tables::<T>(dtype);
         out.par_chunks_mut(hidden)
             .enumerate()
             .with_min_len(min_rows(hidden))
             .for_each(|(row, o)| {
-                let (b, s) = (row / seq, row % seq);
-                let p = if pos_batch == 1 { s } else { b * seq + s };
-                let c: Vec<T> = cos[p * rd..(p + 1) * rd].iter().map(|&v| r(v)).collect();
-                let sn: Vec<T> = sin[p * rd..(p + 1) * rd].iter().map(|&v| r(v)).collect();
+                let p = st.position_row(row);
+                let c = &cos[p * rd..(p + 1) * rd];
+                let sn = &sin[p * rd..(p + 1) * rd];
                 for head in o.chunks_mut(hd) {
+                    let (lo, hi) = head[..rd].split_at_mut(half);
                     for i in 0..half {
-                        let (g1, g2) = (head[i], head[i + half]);
-                        head[i] = g1 * c[i] + g2 * sn[i + half];
-                        head[i + half] = g2 * c[i + half] - g1 * sn[i];
+                        let (g1, g2) = (lo[i], hi[i]);
+                        lo[i] = g1 * c[i] + g2 * sn[i + half];
+                        hi[i] = g2 * c[i + half] - g1 * sn[i];
                     }
                 }
             });
         out
     }
-    let dims = (seq, hidden, pos_batch);
     match &dy.data {
-        TensorData::F32(v) => Ok(finish(
-            dtype,
-            dy.shape.clone(),
-            run(v, &cos, &sin, dims, (hd, rd), dtype),
-        )),
-        TensorData::F64(v) => Ok(finish(
-            dtype,
-            dy.shape.clone(),
-            run(v, &cos, &sin, dims, (hd, rd), dtype),
-        )),
-        _ => Err(float_kind_error(OP, "dy", dy)),
+        TensorData::F32(v) => Ok(finish(dtype, dy.shape.clone(), run(v, &setup, dtype))),
+        TensorData::F64(v) => Ok(finish(dtype, dy.shape.clone(), run(v, &setup, dtype))),
+        _ => Err(float_kind_error("RopeGrad", "dy", dy)),
     }
 }
 
@@ -428,18 +367,16 @@ pub fn swiglu_grad(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, T
         ));
     }
     fn run<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-        let mut dg = vec![T::ZERO; g.len()];
-        let mut du = vec![T::ZERO; g.len()];
-        dg.par_iter_mut()
-            .zip(du.par_iter_mut())
-            .zip(g.par_iter().zip(u.par_iter()).zip(dy.par_iter()))
-            .with_min_len(MIN_TASK_ELEMS)
-            .for_each(|((dg, du), ((&g, &u), &d))| {
-                let sig = T::ONE / (T::ONE + (-g).exp());
-                let silu = g * sig;
-                *du = d * silu;
-                *dg = d * u * sig * (T::ONE + g * (T::ONE - sig));
-            });
+        let mut dg = T::zeroed(g.len());
+        let mut du = T::zeroed(g.len());
+        dg.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(du.par_chunks_mut(MIN_TASK_ELEMS))
+            .zip(
+                g.par_chunks(MIN_TASK_ELEMS)
+                    .zip(u.par_chunks(MIN_TASK_ELEMS)),
+            )
+            .zip(dy.par_chunks(MIN_TASK_ELEMS))
+            .for_each(|(((dg, du), (g, u)), d)| T::swiglu_grad(g, u, d, dg, du));
         (dg, du)
     }
     match (&gate.data, &up.data, &dy.data) {
@@ -520,7 +457,7 @@ pub fn embedding_grad(weight: &Tensor, ids: &Tensor, dy: &Tensor) -> Result<Tens
         start: &[usize],
         order: &[usize],
     ) -> Vec<T> {
-        let mut out = vec![T::ZERO; vocab * hidden];
+        let mut out = T::zeroed(vocab * hidden);
         if hidden == 0 {
             return out;
         }
@@ -592,7 +529,7 @@ pub fn linear_grad_weight(x: &Tensor, dy: &Tensor) -> Result<Tensor, String> {
     numel_of(&shape, "LinearGradWeight output")?;
     let rows: usize = x.shape[..x.rank() - 1].iter().product();
     fn run<T: Real>(x: &[T], dy: &[T], rows: usize, in_f: usize, out_f: usize) -> Vec<T> {
-        let mut out = vec![T::ZERO; out_f * in_f];
+        let mut out = T::zeroed(out_f * in_f);
         gemm_strided(
             out_f,
             in_f,

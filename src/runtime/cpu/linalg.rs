@@ -5,6 +5,7 @@
 //! Also home of [`Real`], the small float trait the kernels here and in
 //! `nn.rs` are generic over (f32 for f32/f16/bf16 tensors, f64 for f64).
 
+use super::vmath;
 use crate::ir::tensor::checked_numel;
 use crate::ir::{DType, Tensor, TensorData};
 use gemm::Parallelism;
@@ -49,6 +50,62 @@ pub trait Real:
     fn round_storage(dtype: DType, v: &mut [Self]);
     /// Rounds one value to the precision of the logical dtype.
     fn round_one(dtype: DType, x: Self) -> Self;
+
+    /// A zeroed output buffer (f32 ones come from the session's buffer
+    /// pool when there is one; see `pool`).
+    fn zeroed(len: usize) -> Vec<Self> {
+        vec![Self::ZERO; len]
+    }
+    /// A copy of `src` in an output buffer.
+    fn copy_of(src: &[Self]) -> Vec<Self> {
+        src.to_vec()
+    }
+
+    // Slice kernels of the hot loops. The defaults are the plain library
+    // math (f64 keeps them: it serves exact finite-difference checks); f32
+    // overrides them with the vectorised `vmath` versions.
+
+    /// `x ← exp(x − shift)` over a row.
+    fn exp_sub(row: &mut [Self], shift: Self) {
+        for x in row {
+            *x = (*x - shift).exp();
+        }
+    }
+    /// `x ← exp(x − shift)` over a row; returns the sum of the new values.
+    fn exp_sub_sum(row: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::ZERO;
+        for x in row {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
+    }
+    /// The largest element (−inf for an empty row).
+    fn max_of(row: &[Self]) -> Self {
+        row.iter().fold(Self::NEG_INFINITY, |a, &x| a.max(x))
+    }
+    /// `out = g·sigmoid(g)·u`.
+    fn silu_mul(g: &[Self], u: &[Self], out: &mut [Self]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (Self::ONE + (-g).exp()) * u;
+        }
+    }
+    /// `out = g·sigmoid(g)`.
+    fn silu(g: &[Self], out: &mut [Self]) {
+        for (o, &g) in out.iter_mut().zip(g) {
+            *o = g / (Self::ONE + (-g).exp());
+        }
+    }
+    /// The SwiGLU backward: with s = sigmoid(g), `du = dy·g·s` and
+    /// `dg = dy·u·s·(1 + g·(1 − s))`.
+    fn swiglu_grad(g: &[Self], u: &[Self], dy: &[Self], dg: &mut [Self], du: &mut [Self]) {
+        for i in 0..g.len() {
+            let (g, u, d) = (g[i], u[i], dy[i]);
+            let s = Self::ONE / (Self::ONE + (-g).exp());
+            du[i] = d * (g * s);
+            dg[i] = d * u * s * (Self::ONE + g * (Self::ONE - s));
+        }
+    }
 }
 
 impl Real for f32 {
@@ -101,6 +158,30 @@ impl Real for f32 {
             DType::BF16 => half::bf16::from_f32(x).to_f32(),
             _ => x,
         }
+    }
+    fn zeroed(len: usize) -> Vec<Self> {
+        super::pool::zeroed(len)
+    }
+    fn copy_of(src: &[Self]) -> Vec<Self> {
+        super::pool::copy_of(src)
+    }
+    fn exp_sub(row: &mut [Self], shift: Self) {
+        vmath::exp_sub(row, shift)
+    }
+    fn exp_sub_sum(row: &mut [Self], shift: Self) -> Self {
+        vmath::exp_sub_sum(row, shift)
+    }
+    fn max_of(row: &[Self]) -> Self {
+        vmath::max(row)
+    }
+    fn silu_mul(g: &[Self], u: &[Self], out: &mut [Self]) {
+        vmath::silu_mul(g, u, out)
+    }
+    fn silu(g: &[Self], out: &mut [Self]) {
+        vmath::silu(g, out)
+    }
+    fn swiglu_grad(g: &[Self], u: &[Self], dy: &[Self], dg: &mut [Self], du: &mut [Self]) {
+        vmath::swiglu_grad(g, u, dy, dg, du)
     }
 }
 
@@ -470,7 +551,7 @@ fn batched<T: Real>(
     b_offs: &[usize],
     fold: bool,
 ) -> Vec<T> {
-    let mut out = vec![T::ZERO; nbatch * m * n];
+    let mut out = T::zeroed(nbatch * m * n);
     if out.is_empty() {
         return out;
     }
@@ -695,7 +776,7 @@ fn float_gemm<T: Real>(
             col_stride,
         }
     }
-    let mut out = vec![T::ZERO; m * n];
+    let mut out = T::zeroed(m * n);
     let c_data = c.and_then(|c| T::slice(&c.data));
     let accumulate = match (c_data, c_strides) {
         (Some(cd), Some(cs)) => {

@@ -15,7 +15,9 @@ pub mod grad;
 pub mod layout;
 pub mod linalg;
 pub mod nn;
+pub mod pool;
 pub mod shape_ops;
+pub mod vmath;
 
 use super::schedule::Schedule;
 use super::Backend;
@@ -44,6 +46,13 @@ pub struct RunStats {
     /// Most bytes held at once by those values; a buffer shared by several
     /// values counts once.
     pub peak_live_bytes: usize,
+    /// Kernel time by op name: (nodes run, total time). Graph inputs and
+    /// weights are not counted.
+    pub op_time: BTreeMap<&'static str, (usize, std::time::Duration)>,
+    /// Kernel output buffers taken from the session's pool (reused) and
+    /// newly allocated, on the executor's thread (see [`pool`]).
+    pub buffers_reused: usize,
+    pub buffers_allocated: usize,
 }
 
 impl CpuBackend {
@@ -118,6 +127,8 @@ pub struct Session {
     sched: Schedule,
     weights: HashMap<String, Arc<Tensor>>,
     pool: Option<rayon::ThreadPool>,
+    /// Buffers of the previous runs' dead values, for the next runs.
+    buffers: std::sync::Mutex<pool::BufferPool>,
 }
 
 impl Session {
@@ -143,6 +154,7 @@ impl Session {
             sched,
             weights,
             pool,
+            buffers: Default::default(),
         })
     }
 
@@ -159,10 +171,37 @@ impl Session {
         &self,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<(HashMap<String, Tensor>, RunStats)> {
-        let go = || execute_with(&self.graph, &self.sched, inputs, Some(&self.weights));
+        let go = || {
+            let mut buffers = self
+                .buffers
+                .lock()
+                .map_err(|_| Error::invalid("a previous run panicked; start a new session"))?;
+            let (before_reused, before_alloc) = (buffers.reused, buffers.allocated);
+            let result = {
+                let _on = pool::activate(&mut buffers);
+                execute_with(&self.graph, &self.sched, inputs, Some(&self.weights))
+            };
+            result.map(|(out, mut stats)| {
+                stats.buffers_reused = buffers.reused - before_reused;
+                stats.buffers_allocated = buffers.allocated - before_alloc;
+                (out, stats)
+            })
+        };
         match &self.pool {
             None => go(),
             Some(pool) => pool.install(go),
+        }
+    }
+
+    /// Gives a run's outputs back once the caller is done with them (the
+    /// gradients after the optimizer step), so that the next run reuses
+    /// their buffers instead of allocating.
+    pub fn reclaim(&self, outputs: HashMap<String, Tensor>) {
+        if let Ok(mut buffers) = self.buffers.lock() {
+            let _on = pool::activate(&mut buffers);
+            for (_, t) in outputs {
+                recycle(Arc::new(t));
+            }
         }
     }
 
@@ -379,6 +418,15 @@ fn validate_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<()
     Ok(())
 }
 
+/// Hands a value's f32 buffer to the pool when this was its last holder.
+fn recycle(t: Arc<Tensor>) {
+    if let Ok(t) = Arc::try_unwrap(t) {
+        if let TensorData::F32(v) = t.data {
+            pool::recycle(v);
+        }
+    }
+}
+
 fn execute(
     graph: &Graph,
     inputs: &HashMap<String, Tensor>,
@@ -470,7 +518,17 @@ fn execute_with(
                 }
                 vec![t]
             }
-            op => run_kernel(op, ins, node.outputs.len()).map_err(fail)?,
+            op => {
+                let start = std::time::Instant::now();
+                let outs = run_kernel(op, &mut ins, node.outputs.len()).map_err(fail)?;
+                let e = values.stats.op_time.entry(op.name()).or_default();
+                e.0 += 1;
+                e.1 += start.elapsed();
+                // Inputs that died here and that nothing else holds give
+                // their buffers back.
+                ins.into_iter().flatten().for_each(recycle);
+                outs
+            }
         };
         if outs.len() < node.outputs.len() {
             return Err(fail(format!(
@@ -484,8 +542,11 @@ fn execute_with(
         }
         // Outputs nothing reads die right away.
         for &v in sched.frees_at(step) {
-            if v.node == n && values.take(v).is_some() {
-                dead += 1;
+            if v.node == n {
+                if let Some(t) = values.take(v) {
+                    dead += 1;
+                    recycle(t);
+                }
             }
         }
         values.settle(dead);
@@ -565,7 +626,8 @@ pub(crate) fn eval_node(
         .iter()
         .map(|t| t.map(|t| Arc::new(t.clone())))
         .collect();
-    let outs = run_kernel(op, ins, op.num_outputs())?;
+    let mut ins = ins;
+    let outs = run_kernel(op, &mut ins, op.num_outputs())?;
     Ok(outs
         .into_iter()
         .map(|t| Arc::try_unwrap(t).unwrap_or_else(|t| (*t).clone()))
@@ -577,7 +639,7 @@ pub(crate) fn eval_node(
 /// that a token step never copies them.
 pub(crate) fn run_kernel(
     op: &Op,
-    mut ins: Ins,
+    ins: &mut Ins,
     n_out: usize,
 ) -> std::result::Result<Vec<Arc<Tensor>>, String> {
     use elementwise as ew;
@@ -594,21 +656,21 @@ pub(crate) fn run_kernel(
             .and_then(|t| t.take())
             .ok_or("required input 0 is missing")?]),
 
-        Op::Unary(u) => match take_unique(&mut ins, 0) {
+        Op::Unary(u) => match take_unique(ins, 0) {
             Some(x) => one(ew::unary_owned(*u, x)?),
-            None => one(ew::unary(*u, req(&ins, 0)?)?),
+            None => one(ew::unary(*u, req(ins, 0)?)?),
         },
-        Op::Binary(b) => match take_unique(&mut ins, 0) {
-            Some(a) => one(ew::binary_owned(*b, a, req(&ins, 1)?)?),
-            None => one(ew::binary(*b, req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::Binary(b) => match take_unique(ins, 0) {
+            Some(a) => one(ew::binary_owned(*b, a, req(ins, 1)?)?),
+            None => one(ew::binary(*b, req(ins, 0)?, req(ins, 1)?)?),
         },
         Op::Variadic(v) => {
             let xs: Vec<&Tensor> = ins.iter().flatten().map(|t| &**t).collect();
             one(ew::variadic(*v, &xs)?)
         }
-        Op::Where => one(ew::where_op(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?)?),
+        Op::Where => one(ew::where_op(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?)?),
         Op::Cast { to } => {
-            let x = req(&ins, 0)?;
+            let x = req(ins, 0)?;
             if x.dtype == *to {
                 let arc = ins[0].take().ok_or("required input 0 is missing")?;
                 return Ok(vec![arc]);
@@ -616,84 +678,82 @@ pub(crate) fn run_kernel(
             one(ew::cast(x, *to)?)
         }
         Op::CumSum { exclusive, reverse } => one(ew::cumsum(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
+            req(ins, 0)?,
+            req(ins, 1)?,
             *exclusive,
             *reverse,
         )?),
-        Op::Trilu { upper } => one(ew::trilu(req(&ins, 0)?, opt(&ins, 1), *upper)?),
-        Op::ConstantOfShape { value } => one(ew::constant_of_shape(req(&ins, 0)?, value.as_ref())?),
-        Op::Range => one(ew::range(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?)?),
+        Op::Trilu { upper } => one(ew::trilu(req(ins, 0)?, opt(ins, 1), *upper)?),
+        Op::ConstantOfShape { value } => one(ew::constant_of_shape(req(ins, 0)?, value.as_ref())?),
+        Op::Range => one(ew::range(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?)?),
 
         Op::Reshape { allowzero } => {
-            let shape = req(&ins, 1)?.clone();
-            one(so::reshape(take_owned(&mut ins, 0)?, &shape, *allowzero)?)
+            let shape = req(ins, 1)?.clone();
+            one(so::reshape(take_owned(ins, 0)?, &shape, *allowzero)?)
         }
         Op::Unsqueeze { axes } => {
             let axes = match axes {
                 Some(a) => a.clone(),
-                None => int_list(req(&ins, 1)?, "axes")?,
+                None => int_list(req(ins, 1)?, "axes")?,
             };
-            one(so::unsqueeze(take_owned(&mut ins, 0)?, &axes)?)
+            one(so::unsqueeze(take_owned(ins, 0)?, &axes)?)
         }
         Op::Squeeze { axes } => {
-            let axes = match (axes, opt(&ins, 1)) {
+            let axes = match (axes, opt(ins, 1)) {
                 (Some(a), _) => Some(a.clone()),
                 (None, Some(t)) => Some(int_list(t, "axes")?),
                 (None, None) => None,
             };
-            one(so::squeeze(take_owned(&mut ins, 0)?, axes.as_deref())?)
+            one(so::squeeze(take_owned(ins, 0)?, axes.as_deref())?)
         }
-        Op::Transpose { perm } => one(so::transpose(req(&ins, 0)?, perm.as_deref())?),
+        Op::Transpose { perm } => one(so::transpose(req(ins, 0)?, perm.as_deref())?),
         Op::Concat { axis } => {
             let xs: Vec<&Tensor> = ins.iter().flatten().map(|t| &**t).collect();
             one(so::concat(&xs, *axis)?)
         }
         Op::Slice => one(so::slice(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            req(&ins, 2)?,
-            opt(&ins, 3),
-            opt(&ins, 4),
+            req(ins, 0)?,
+            req(ins, 1)?,
+            req(ins, 2)?,
+            opt(ins, 3),
+            opt(ins, 4),
         )?),
-        Op::Gather { axis } => one(so::gather(req(&ins, 0)?, req(&ins, 1)?, *axis)?),
-        Op::GatherNd { batch_dims } => {
-            one(so::gather_nd(req(&ins, 0)?, req(&ins, 1)?, *batch_dims)?)
-        }
-        Op::Expand => one(so::expand(req(&ins, 0)?, req(&ins, 1)?)?),
-        Op::Shape { start, end } => one(so::shape_of(req(&ins, 0)?, *start, *end)),
-        Op::Size => one(so::size_of(req(&ins, 0)?)),
+        Op::Gather { axis } => one(so::gather(req(ins, 0)?, req(ins, 1)?, *axis)?),
+        Op::GatherNd { batch_dims } => one(so::gather_nd(req(ins, 0)?, req(ins, 1)?, *batch_dims)?),
+        Op::Expand => one(so::expand(req(ins, 0)?, req(ins, 1)?)?),
+        Op::Shape { start, end } => one(so::shape_of(req(ins, 0)?, *start, *end)),
+        Op::Size => one(so::size_of(req(ins, 0)?)),
         Op::Split {
             axis,
             split,
             num_outputs,
         } => {
-            let sizes = match (split, opt(&ins, 1)) {
+            let sizes = match (split, opt(ins, 1)) {
                 (Some(s), _) => Some(s.clone()),
                 (None, Some(t)) => Some(int_list(t, "split")?),
                 (None, None) => None,
             };
-            let parts = so::split(req(&ins, 0)?, *axis, sizes.as_deref(), *num_outputs)?;
+            let parts = so::split(req(ins, 0)?, *axis, sizes.as_deref(), *num_outputs)?;
             Ok(parts.into_iter().map(Arc::new).collect())
         }
 
-        Op::MatMul => one(linalg::matmul(req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::MatMul => one(linalg::matmul(req(ins, 0)?, req(ins, 1)?)?),
         Op::Gemm {
             alpha,
             beta,
             trans_a,
             trans_b,
         } => one(linalg::gemm(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            opt(&ins, 2),
+            req(ins, 0)?,
+            req(ins, 1)?,
+            opt(ins, 2),
             *alpha,
             *beta,
             *trans_a,
             *trans_b,
         )?),
-        Op::Softmax { axis } => one(nn::softmax(req(&ins, 0)?, *axis, false)?),
-        Op::LogSoftmax { axis } => one(nn::softmax(req(&ins, 0)?, *axis, true)?),
+        Op::Softmax { axis } => one(nn::softmax(req(ins, 0)?, *axis, false)?),
+        Op::LogSoftmax { axis } => one(nn::softmax(req(ins, 0)?, *axis, true)?),
         Op::Reduce {
             op,
             axes,
@@ -702,13 +762,13 @@ pub(crate) fn run_kernel(
         } => {
             // In the input form an empty axes tensor means the same as an
             // absent one.
-            let axes = match (axes, opt(&ins, 1)) {
+            let axes = match (axes, opt(ins, 1)) {
                 (Some(a), _) => Some(a.clone()),
                 (None, Some(t)) => Some(int_list(t, "axes")?).filter(|a| !a.is_empty()),
                 (None, None) => None,
             };
             one(nn::reduce(
-                req(&ins, 0)?,
+                req(ins, 0)?,
                 *op,
                 axes.as_deref(),
                 *keepdims,
@@ -720,8 +780,8 @@ pub(crate) fn run_kernel(
             epsilon,
             stash_type,
         } => one(nn::rms_normalization(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
+            req(ins, 0)?,
+            req(ins, 1)?,
             *axis,
             *epsilon,
             *stash_type,
@@ -731,22 +791,22 @@ pub(crate) fn run_kernel(
             num_heads,
             rotary_embedding_dim,
         } => one(nn::rotary_embedding(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            req(&ins, 2)?,
-            opt(&ins, 3),
+            req(ins, 0)?,
+            req(ins, 1)?,
+            req(ins, 2)?,
+            opt(ins, 3),
             *interleaved,
             *num_heads,
             *rotary_embedding_dim,
         )?),
         Op::OnnxAttention(attrs) => {
             let outs = nn::onnx_attention(
-                req(&ins, 0)?,
-                req(&ins, 1)?,
-                req(&ins, 2)?,
-                opt(&ins, 3),
-                opt(&ins, 4),
-                opt(&ins, 5),
+                req(ins, 0)?,
+                req(ins, 1)?,
+                req(ins, 2)?,
+                opt(ins, 3),
+                opt(ins, 4),
+                opt(ins, 5),
                 attrs,
             )?;
             if outs.len() < n_out {
@@ -757,69 +817,69 @@ pub(crate) fn run_kernel(
             }
             Ok(outs.into_iter().take(n_out).map(Arc::new).collect())
         }
-        Op::Embedding => one(nn::embedding(req(&ins, 0)?, req(&ins, 1)?)?),
-        Op::RmsNorm { eps } => one(nn::rms_norm(req(&ins, 0)?, req(&ins, 1)?, *eps)?),
-        Op::Rope(attrs) => one(nn::rope(req(&ins, 0)?, opt(&ins, 1), attrs)?),
+        Op::Embedding => one(nn::embedding(req(ins, 0)?, req(ins, 1)?)?),
+        Op::RmsNorm { eps } => one(nn::rms_norm(req(ins, 0)?, req(ins, 1)?, *eps)?),
+        Op::Rope(attrs) => one(nn::rope(req(ins, 0)?, opt(ins, 1), attrs)?),
         Op::Attention(attrs) => one(nn::attention(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            req(&ins, 2)?,
+            req(ins, 0)?,
+            req(ins, 1)?,
+            req(ins, 2)?,
             attrs,
         )?),
-        Op::Linear => one(nn::linear(req(&ins, 0)?, req(&ins, 1)?, opt(&ins, 2))?),
-        Op::SwiGlu => one(nn::swiglu(req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::Linear => one(nn::linear(req(ins, 0)?, req(ins, 1)?, opt(ins, 2))?),
+        Op::SwiGlu => one(nn::swiglu(req(ins, 0)?, req(ins, 1)?)?),
         Op::LoraLinear(attrs) => one(nn::lora_linear(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            req(&ins, 2)?,
-            req(&ins, 3)?,
-            opt(&ins, 4),
+            req(ins, 0)?,
+            req(ins, 1)?,
+            req(ins, 2)?,
+            req(ins, 3)?,
+            opt(ins, 4),
             attrs.scale(),
         )?),
 
         Op::CrossEntropy { ignore_index } => one(grad::cross_entropy(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
+            req(ins, 0)?,
+            req(ins, 1)?,
             *ignore_index,
         )?),
         Op::CrossEntropyGrad { ignore_index } => one(grad::cross_entropy_grad(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            req(&ins, 2)?,
+            req(ins, 0)?,
+            req(ins, 1)?,
+            req(ins, 2)?,
             *ignore_index,
         )?),
         Op::AttentionFwd(attrs) => {
             let (o, lse) =
-                attention_grad::attention_fwd(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?, attrs)?;
+                attention_grad::attention_fwd(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?, attrs)?;
             Ok(vec![Arc::new(o), Arc::new(lse)])
         }
         Op::AttentionGrad(attrs) => {
             let (dq, dk, dv) = attention_grad::attention_grad(
-                req(&ins, 0)?,
-                req(&ins, 1)?,
-                req(&ins, 2)?,
-                req(&ins, 3)?,
-                req(&ins, 4)?,
-                req(&ins, 5)?,
+                req(ins, 0)?,
+                req(ins, 1)?,
+                req(ins, 2)?,
+                req(ins, 3)?,
+                req(ins, 4)?,
+                req(ins, 5)?,
                 attrs,
             )?;
             Ok(vec![Arc::new(dq), Arc::new(dk), Arc::new(dv)])
         }
         Op::RmsNormGrad { eps } => {
-            let (dx, dw) = grad::rms_norm_grad(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?, *eps)?;
+            let (dx, dw) = grad::rms_norm_grad(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?, *eps)?;
             Ok(vec![Arc::new(dx), Arc::new(dw)])
         }
-        Op::RopeGrad(attrs) => one(grad::rope_grad(req(&ins, 0)?, opt(&ins, 1), attrs)?),
+        Op::RopeGrad(attrs) => one(grad::rope_grad(req(ins, 0)?, opt(ins, 1), attrs)?),
         Op::SwiGluGrad => {
-            let (dg, du) = grad::swiglu_grad(req(&ins, 0)?, req(&ins, 1)?, req(&ins, 2)?)?;
+            let (dg, du) = grad::swiglu_grad(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?)?;
             Ok(vec![Arc::new(dg), Arc::new(du)])
         }
         Op::EmbeddingGrad => one(grad::embedding_grad(
-            req(&ins, 0)?,
-            req(&ins, 1)?,
-            req(&ins, 2)?,
+            req(ins, 0)?,
+            req(ins, 1)?,
+            req(ins, 2)?,
         )?),
-        Op::LinearGradWeight => one(grad::linear_grad_weight(req(&ins, 0)?, req(&ins, 1)?)?),
+        Op::LinearGradWeight => one(grad::linear_grad_weight(req(ins, 0)?, req(ins, 1)?)?),
     }
 }
 

@@ -19,6 +19,7 @@ use crate::ir::{
     Tensor, TensorData,
 };
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Below this many elements per task, rayon's overhead outweighs the split.
 const MIN_TASK_ELEMS: usize = 1 << 13;
@@ -869,7 +870,7 @@ fn attend_block<T: Real>(
                     srow[first_masked..].fill(T::NEG_INFINITY);
                 }
             }
-            let tile_max = srow.iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
+            let tile_max = T::max_of(srow);
             let m_new = m[r].max(tile_max);
             if m_new == T::NEG_INFINITY {
                 // Nothing visible yet in this row: these keys weigh nothing.
@@ -877,11 +878,7 @@ fn attend_block<T: Real>(
                 continue;
             }
             let alpha = (m[r] - m_new).exp();
-            let mut sum = T::ZERO;
-            for x in srow.iter_mut() {
-                *x = (*x - m_new).exp();
-                sum += *x;
-            }
+            let sum = T::exp_sub_sum(srow, m_new);
             l[r] = l[r] * alpha + sum;
             m[r] = m_new;
             if alpha != T::ONE {
@@ -1357,7 +1354,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor, String>
     }
     let out_dtype = promote(x.dtype, weight.dtype);
     fn run<T: Real>(x: &[T], w: &[T], hidden: usize, eps: f32, in_dtype: DType) -> Vec<T> {
-        let mut out = vec![T::ZERO; x.len()];
+        let mut out = T::zeroed(x.len());
         if hidden == 0 {
             return out;
         }
@@ -1400,100 +1397,168 @@ pub fn rope(
     position_ids: Option<&Tensor>,
     attrs: &RopeAttrs,
 ) -> Result<Tensor, String> {
-    const OP: &str = "Rope";
-    let (batch, seq, hidden) = match *x.shape.as_slice() {
-        [b, s, h] => (b, s, h),
-        _ => {
-            return Err(format!(
-                "{OP} input must be [batch, seq, heads*head_dim], got {:?}",
-                x.shape
-            ))
-        }
-    };
-    let (heads, hd, rd) = (attrs.num_heads, attrs.head_dim, attrs.rotary_dim);
-    if heads.checked_mul(hd) != Some(hidden) {
-        return Err(format!(
-            "{OP} input hidden size {hidden} is not heads ({heads}) × head_dim ({hd})"
-        ));
-    }
-    if rd > hd || rd % 2 != 0 {
-        return Err(format!(
-            "{OP} rotary_dim {rd} must be even and at most head_dim {hd}"
-        ));
-    }
-    let (positions, pos_batch): (Vec<i64>, usize) = match position_ids {
-        None => ((0..seq as i64).collect(), 1),
-        Some(p) => {
-            let ids = p
-                .as_i64()
-                .ok_or_else(|| format!("{OP} position_ids must be integers, got {}", p.dtype))?;
-            match *p.shape.as_slice() {
-                [s] if s == seq => (ids.to_vec(), 1),
-                [pb, s] if s == seq && (pb == batch || pb == 1) => (ids.to_vec(), pb),
-                _ => {
-                    return Err(format!(
-                        "{OP} position_ids of shape {:?} do not match [batch={batch}, seq={seq}] or [seq]",
-                        p.shape
-                    ))
-                }
-            }
-        }
-    };
-    let seq_len = positions.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
-    let (cos, sin) = crate::ir::rope::cos_sin(attrs, &positions, seq_len);
+    let setup = RopeSetup::new("Rope", x, position_ids, attrs)?;
     let dtype = x.dtype;
-    fn run<T: Real>(
-        x: &[T],
-        cos: &[f32],
-        sin: &[f32],
-        (seq, hidden, pos_batch): (usize, usize, usize),
-        (hd, rd): (usize, usize),
-        dtype: DType,
-    ) -> Vec<T> {
-        let r = |v: T| T::round_one(dtype, v);
-        let half = rd / 2;
-        let mut out = x.to_vec();
+    fn run<T: Real>(x: &[T], st: &RopeSetup, dtype: DType) -> Vec<T> {
+        let mut out = T::copy_of(x);
+        let (hidden, hd, rd) = (st.hidden, st.head_dim, st.rotary_dim);
         if hidden == 0 || rd == 0 {
             return out;
         }
+        let half = rd / 2;
+        let (cos, sin) = st.tables::<T>(dtype);
+        let r = |v: T| T::round_one(dtype, v);
+        let rounds = matches!(dtype, DType::F16 | DType::BF16);
         out.par_chunks_mut(hidden)
             .enumerate()
             .with_min_len(min_rows(hidden))
             .for_each(|(row, o)| {
-                let (b, s) = (row / seq, row % seq);
-                let p = if pos_batch == 1 { s } else { b * seq + s };
-                let c: Vec<T> = cos[p * rd..(p + 1) * rd]
-                    .iter()
-                    .map(|&v| r(T::from_f64(v as f64)))
-                    .collect();
-                let sn: Vec<T> = sin[p * rd..(p + 1) * rd]
-                    .iter()
-                    .map(|&v| r(T::from_f64(v as f64)))
-                    .collect();
+                let p = st.position_row(row);
+                let c = &cos[p * rd..(p + 1) * rd];
+                let sn = &sin[p * rd..(p + 1) * rd];
                 for head in o.chunks_mut(hd) {
-                    for i in 0..half {
-                        let (x1, x2) = (head[i], head[i + half]);
-                        head[i] = r(r(x1 * c[i]) - r(x2 * sn[i]));
-                        head[i + half] = r(r(x2 * c[i + half]) + r(x1 * sn[i + half]));
+                    let (lo, hi) = head[..rd].split_at_mut(half);
+                    if rounds {
+                        for i in 0..half {
+                            let (x1, x2) = (lo[i], hi[i]);
+                            lo[i] = r(r(x1 * c[i]) - r(x2 * sn[i]));
+                            hi[i] = r(r(x2 * c[i + half]) + r(x1 * sn[i + half]));
+                        }
+                    } else {
+                        for i in 0..half {
+                            let (x1, x2) = (lo[i], hi[i]);
+                            lo[i] = x1 * c[i] - x2 * sn[i];
+                            hi[i] = x2 * c[i + half] + x1 * sn[i + half];
+                        }
                     }
                 }
             });
         out
     }
-    let dims = (seq, hidden, pos_batch);
     match &x.data {
-        TensorData::F32(v) => Ok(finish(
-            dtype,
-            x.shape.clone(),
-            run(v, &cos, &sin, dims, (hd, rd), dtype),
-        )),
-        TensorData::F64(v) => Ok(finish(
-            dtype,
-            x.shape.clone(),
-            run(v, &cos, &sin, dims, (hd, rd), dtype),
-        )),
-        _ => Err(float_kind_error(OP, "input", x)),
+        TensorData::F32(v) => Ok(finish(dtype, x.shape.clone(), run(v, &setup, dtype))),
+        TensorData::F64(v) => Ok(finish(dtype, x.shape.clone(), run(v, &setup, dtype))),
+        _ => Err(float_kind_error("Rope", "input", x)),
     }
+}
+
+/// What `Rope` and `RopeGrad` share: the checked sizes, the positions, and
+/// the cos/sin tables.
+pub(super) struct RopeSetup {
+    pub seq: usize,
+    pub hidden: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    /// 1 when every row uses positions `[seq]`, else the batch.
+    pub pos_batch: usize,
+    /// `[positions, rotary_dim]` cos and sin (see `ir::rope::cos_sin`).
+    pub cos_sin: Arc<(Vec<f32>, Vec<f32>)>,
+}
+
+impl RopeSetup {
+    pub(super) fn new(
+        op: &str,
+        x: &Tensor,
+        position_ids: Option<&Tensor>,
+        attrs: &RopeAttrs,
+    ) -> Result<RopeSetup, String> {
+        let (batch, seq, hidden) = match *x.shape.as_slice() {
+            [b, s, h] => (b, s, h),
+            _ => {
+                return Err(format!(
+                    "{op} input must be [batch, seq, heads*head_dim], got {:?}",
+                    x.shape
+                ))
+            }
+        };
+        let (heads, hd, rd) = (attrs.num_heads, attrs.head_dim, attrs.rotary_dim);
+        if heads.checked_mul(hd) != Some(hidden) {
+            return Err(format!(
+                "{op} input hidden size {hidden} is not heads ({heads}) × head_dim ({hd})"
+            ));
+        }
+        if rd > hd || rd % 2 != 0 {
+            return Err(format!(
+                "{op} rotary_dim {rd} must be even and at most head_dim {hd}"
+            ));
+        }
+        let (positions, pos_batch): (Vec<i64>, usize) = match position_ids {
+            None => ((0..seq as i64).collect(), 1),
+            Some(p) => {
+                let ids = p.as_i64().ok_or_else(|| {
+                    format!("{op} position_ids must be integers, got {}", p.dtype)
+                })?;
+                match *p.shape.as_slice() {
+                    [s] if s == seq => (ids.to_vec(), 1),
+                    [pb, s] if s == seq && (pb == batch || pb == 1) => (ids.to_vec(), pb),
+                    _ => {
+                        return Err(format!(
+                            "{op} position_ids of shape {:?} do not match [batch={batch}, seq={seq}] or [seq]",
+                            p.shape
+                        ))
+                    }
+                }
+            }
+        };
+        let seq_len = positions.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
+        Ok(RopeSetup {
+            seq,
+            hidden,
+            head_dim: hd,
+            rotary_dim: rd,
+            pos_batch,
+            cos_sin: rope_tables(attrs, positions, seq_len),
+        })
+    }
+
+    /// The table row of activation row `row` (`batch·seq + s`).
+    #[inline]
+    pub(super) fn position_row(&self, row: usize) -> usize {
+        if self.pos_batch == 1 {
+            row % self.seq
+        } else {
+            row
+        }
+    }
+
+    /// The tables in the compute type, rounded to `dtype`'s precision (a
+    /// half-precision model holds its cos/sin in half precision).
+    pub(super) fn tables<T: Real>(&self, dtype: DType) -> (Vec<T>, Vec<T>) {
+        let conv = |t: &[f32]| -> Vec<T> {
+            t.iter()
+                .map(|&v| T::round_one(dtype, T::from_f64(v as f64)))
+                .collect()
+        };
+        (conv(&self.cos_sin.0), conv(&self.cos_sin.1))
+    }
+}
+
+/// `ir::rope::cos_sin`, cached: a training step asks for the same tables
+/// once per Rope node and once per RopeGrad node, and computing them is
+/// most of such a node's cost. The last few distinct requests are kept.
+fn rope_tables(
+    attrs: &RopeAttrs,
+    positions: Vec<i64>,
+    seq_len: usize,
+) -> Arc<(Vec<f32>, Vec<f32>)> {
+    type Key = (RopeAttrs, Vec<i64>, usize);
+    type Cache = Vec<(Key, Arc<(Vec<f32>, Vec<f32>)>)>;
+    const KEEP: usize = 4;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    let key = (attrs.clone(), positions, seq_len);
+    if let Ok(cache) = CACHE.lock() {
+        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
+            return t.clone();
+        }
+    }
+    let t = Arc::new(crate::ir::rope::cos_sin(attrs, &key.1, seq_len));
+    if let Ok(mut cache) = CACHE.lock() {
+        if cache.len() >= KEEP {
+            cache.remove(0);
+        }
+        cache.push((key, t.clone()));
+    }
+    t
 }
 
 /// LLaMA self-attention on projected, rotated `q [batch, seq, heads*hd]`
@@ -1595,8 +1660,8 @@ fn attention_impl(
             causal_offset,
             bias: None,
         };
-        let mut out = vec![T::ZERO; q.len()];
-        let mut lse = want_lse.then(|| vec![T::ZERO; batch * heads * q_len]);
+        let mut out = T::zeroed(q.len());
+        let mut lse = want_lse.then(|| T::zeroed(batch * heads * q_len));
         let lse_layout = LseLayout {
             batch: heads * q_len,
             head: q_len,
@@ -1713,10 +1778,10 @@ fn shifted_sparse_attention(
             v
         };
         let rolled = wrap.then(|| (roll(q, qw, false), roll(k, kw, false), roll(v, kw, false)));
-        let mut out = vec![T::ZERO; q.len()];
+        let mut out = T::zeroed(q.len());
         let mut shifted_out = wrap.then(|| vec![T::ZERO; q.len()]);
         let lse_len = batch * heads * len;
-        let mut lse = want_lse.then(|| vec![T::ZERO; lse_len]);
+        let mut lse = want_lse.then(|| T::zeroed(lse_len));
         // With wrap, the shifted heads' lse is in rolled positions, like their output.
         let mut shifted_lse = (want_lse && wrap).then(|| vec![T::ZERO; lse_len]);
         let lse_layout = LseLayout {
@@ -1870,7 +1935,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         in_f: usize,
         out_f: usize,
     ) -> Vec<T> {
-        let mut out = vec![T::ZERO; rows * out_f];
+        let mut out = T::zeroed(rows * out_f);
         if let Some(b) = b {
             for row in out.chunks_mut(out_f.max(1)) {
                 row.copy_from_slice(&b[..row.len()]);
@@ -1993,6 +2058,9 @@ pub fn lora_linear(
         }
         _ => return Err(float_kind_error(OP, "input", x)),
     }
+    if let TensorData::F32(v) = down.data {
+        super::pool::recycle(v);
+    }
     Ok(y)
 }
 
@@ -2007,13 +2075,24 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, String> {
     }
     let dtype = promote(gate.dtype, up.dtype);
     fn run<T: Real>(g: &[T], u: &[T], gdt: DType) -> Vec<T> {
-        let mut out = vec![T::ZERO; g.len()];
-        out.par_iter_mut()
-            .zip(g.par_iter().zip(u.par_iter()))
-            .with_min_len(MIN_TASK_ELEMS)
-            .for_each(|(o, (&g, &u))| {
-                let silu = T::round_one(gdt, g / (T::ONE + (-g).exp()));
-                *o = silu * u;
+        let mut out = T::zeroed(g.len());
+        let half = matches!(gdt, DType::F16 | DType::BF16);
+        out.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(
+                g.par_chunks(MIN_TASK_ELEMS)
+                    .zip(u.par_chunks(MIN_TASK_ELEMS)),
+            )
+            .for_each(|(o, (g, u))| {
+                if half {
+                    // silu is rounded to the gate's precision before the
+                    // product, as a half-precision model computes it.
+                    T::silu(g, o);
+                    for (o, &u) in o.iter_mut().zip(u) {
+                        *o = T::round_one(gdt, *o) * u;
+                    }
+                } else {
+                    T::silu_mul(g, u, o);
+                }
             });
         out
     }
