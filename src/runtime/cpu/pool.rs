@@ -11,8 +11,9 @@
 //! length, which is what repeated steps of one shape need.
 //!
 //! Only buffers the pool handed out come back to it (other dead values are
-//! freed as usual), so it never holds more than the most pooled buffers a
-//! run had alive at once.
+//! freed as usual). A request with no free buffer of its length takes the
+//! smallest free one up to twice as long, so the pool holds about as much
+//! as a run has alive at its peak.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -69,7 +70,22 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     let reused = CURRENT.with(|c| {
         let mut c = c.borrow_mut();
         let pool = c.as_mut()?;
-        match pool.free.get_mut(&len).and_then(Vec::pop) {
+        let exact = pool.free.get_mut(&len).and_then(Vec::pop);
+        // Else the smallest free buffer up to twice as long, cut to length
+        // (so that buffers of lengths no longer asked for serve others and
+        // the pool does not add up every length's high-water mark).
+        let found = exact.or_else(|| {
+            let key = pool
+                .free
+                .iter()
+                .filter(|(&l, v)| l > len && l <= 2 * len && !v.is_empty())
+                .map(|(&l, _)| l)
+                .min()?;
+            let mut v = pool.free.get_mut(&key)?.pop()?;
+            v.truncate(len);
+            Some(v)
+        });
+        match found {
             Some(v) => {
                 pool.reused += 1;
                 Some(v)
@@ -146,12 +162,22 @@ mod tests {
             assert_eq!(b, vec![0.0; 16], "zeroed on reuse");
             assert_eq!(copy_of(&[4.0, 5.0, 6.0]), vec![4.0, 5.0, 6.0]);
             assert_eq!(zeroed(16), vec![0.0; 16], "the foreign buffer was not kept");
+            // A longer free buffer (up to twice the length) serves a shorter request.
+            let mut d = zeroed(20);
+            d[0] = 1.0;
+            let ptr = d.as_ptr();
+            recycle(d);
+            let e = zeroed(12);
+            assert_eq!((e.as_ptr(), e.len()), (ptr, 12));
+            assert_eq!(e, vec![0.0; 12]);
+            recycle(e);
+            assert_ne!(zeroed(5).as_ptr(), ptr, "not more than twice as long");
         }
-        assert_eq!(slot.reused, 2);
-        assert_eq!(slot.allocated, 3);
-        assert_eq!(slot.held_bytes(), 0);
+        assert_eq!(slot.reused, 3);
+        assert_eq!(slot.allocated, 5);
+        assert_eq!(slot.held_bytes(), 12 * 4, "the 12-long buffer is kept");
         // Outside the run the pool is not reachable.
         recycle(vec![0.0; 8]);
-        assert_eq!(slot.held_bytes(), 0);
+        assert_eq!(slot.held_bytes(), 12 * 4);
     }
 }
