@@ -171,7 +171,8 @@ mod tests {
             assert_eq!((e.as_ptr(), e.len()), (ptr, 12));
             assert_eq!(e, vec![0.0; 12]);
             recycle(e);
-            assert_ne!(zeroed(5).as_ptr(), ptr, "not more than twice as long");
+            let f = zeroed(5);
+            assert_ne!(f.as_ptr(), ptr, "not more than twice as long");
         }
         assert_eq!(slot.reused, 3);
         assert_eq!(slot.allocated, 5);
