@@ -291,6 +291,11 @@ struct ModelArgs {
     /// LongLoRA's trainable_params.safetensors (trained embedding and norms).
     #[arg(long)]
     trainable: Option<PathBuf>,
+    /// A `run-train --out` directory: applies the run's position
+    /// interpolation to MODEL (the base it trained from) and loads the run's
+    /// adapter/ and trainable_params.safetensors.
+    #[arg(long, conflicts_with_all = ["adapter", "trainable"])]
+    run: Option<PathBuf>,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -1067,12 +1072,34 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
                 )
             })?;
     }
-    if let Some(dir) = &args.adapter {
+    let (mut adapter, mut trainable) = (args.adapter.clone(), args.trainable.clone());
+    if let Some(run) = &args.run {
+        let outputs = lcc::train::trainer::RunOutputs::read(run)?;
+        if let Some(p) = &outputs.rewrites {
+            p.run(&mut graph, &passes::RunOptions::default(), |_, _| {})
+                .with_context(|| format!("applying the rewrites of the run {}", run.display()))?;
+        }
+        if outputs.adapter.is_none() && outputs.trainable.is_none() {
+            if run.join("model").is_dir() {
+                bail!(
+                    "the run {} saved a whole fine-tuned model: evaluate {} itself",
+                    run.display(),
+                    run.join("model").display()
+                );
+            }
+            bail!(
+                "the run {} has neither adapter/ nor trainable_params.safetensors (did it finish?)",
+                run.display()
+            );
+        }
+        (adapter, trainable) = (outputs.adapter, outputs.trainable);
+    }
+    if let Some(dir) = &adapter {
         let adapter = hf::peft::load_adapter(dir)?;
         hf::peft::apply_adapter(&mut graph, &adapter)
             .with_context(|| format!("applying the adapter {}", dir.display()))?;
     }
-    if let Some(file) = &args.trainable {
+    if let Some(file) = &trainable {
         hf::peft::load_trainable(&mut graph, file)?;
     }
     let vocab = vocab_size(&graph).ok_or_else(|| {

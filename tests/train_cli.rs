@@ -372,3 +372,67 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run_identically() {
         "interrupted + resumed run differs"
     );
 }
+
+#[test]
+fn eval_with_run_applies_the_runs_pi_adapter_and_trainable_params() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_text(tmp.path());
+    let out = tmp.path().join("run");
+    let model = tiny().join("hf");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let o = lcc(&train_args(m, d, out.to_str().unwrap(), "3"));
+    assert!(o.status.success(), "{}", text(&o));
+    let ppl = |extra: &[&str], base: &str| -> f64 {
+        let mut args = vec!["eval", "ppl", base, "--data", d, "--ctx", "32", "--json"];
+        args.extend_from_slice(extra);
+        let o = lcc(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v[0]["ppl"].as_f64().unwrap()
+    };
+    let with_run = ppl(&["--run", out.to_str().unwrap()], m);
+    // The same by hand: the PI'd base, then the adapter and trainable params.
+    let base_pi = tmp.path().join("base-pi");
+    let o = lcc(&[
+        "rewrite",
+        m,
+        "--passes",
+        "pi",
+        "--set",
+        "pi.target_len=512",
+        "-o",
+        base_pi.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let adapter = out.join("adapter");
+    let trainable = out.join("trainable_params.safetensors");
+    let by_hand = ppl(
+        &[
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--trainable",
+            trainable.to_str().unwrap(),
+        ],
+        base_pi.to_str().unwrap(),
+    );
+    assert_eq!(with_run, by_hand);
+    // Without PI the adapter sees other positions: a different result.
+    let no_pi = ppl(
+        &[
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--trainable",
+            trainable.to_str().unwrap(),
+        ],
+        m,
+    );
+    assert_ne!(with_run, no_pi);
+
+    // A directory that is not a run says so.
+    let not_a_run = tmp.path().to_str().unwrap();
+    let o = lcc(&[
+        "eval", "ppl", m, "--data", d, "--ctx", "32", "--run", not_a_run,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("no run.yaml"), "{}", text(&o));
+}

@@ -79,6 +79,52 @@ pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
     Ok(graph)
 }
 
+/// What a finished run (`lcc run-train --out DIR`) brings to inference:
+/// its rewrites of the base model that stay at inference (position
+/// interpolation, with the run's options; S²-Attn is for training only and
+/// LoRA comes back through the adapter), and its adapter and trainable
+/// weights when the run wrote them.
+pub struct RunOutputs {
+    /// The run's `pi` pass as configured, if it had one.
+    pub rewrites: Option<Pipeline>,
+    pub adapter: Option<PathBuf>,
+    pub trainable: Option<PathBuf>,
+}
+
+impl RunOutputs {
+    /// Reads `DIR/run.yaml` and looks for `DIR/adapter/` and
+    /// `DIR/trainable_params.safetensors`.
+    pub fn read(dir: &Path) -> Result<RunOutputs> {
+        let yaml = dir.join("run.yaml");
+        if !yaml.is_file() {
+            return Err(Error::invalid(format!(
+                "{} is not a run-train output directory (it has no run.yaml)",
+                dir.display()
+            )));
+        }
+        let cfg = TrainConfig::from_yaml(&yaml)?;
+        let mut pipeline = match (&cfg.pipeline, &cfg.passes) {
+            (Some(p), _) => Pipeline::recipe(p)?,
+            (None, Some(list)) => Pipeline::from_names(list)?,
+            (None, None) => Pipeline { passes: Vec::new() },
+        };
+        for s in &cfg.set {
+            pipeline.set(s)?;
+        }
+        pipeline.passes.retain(|s| s.name == "pi");
+        let adapter = dir.join("adapter");
+        let trainable = dir.join("trainable_params.safetensors");
+        Ok(RunOutputs {
+            rewrites: (!pipeline.passes.is_empty()).then_some(pipeline),
+            adapter: adapter
+                .join("adapter_config.json")
+                .is_file()
+                .then_some(adapter),
+            trainable: trainable.is_file().then_some(trainable),
+        })
+    }
+}
+
 fn run_pipeline(graph: &mut Graph, p: &Pipeline, set: &[String], skip_lora: bool) -> Result<()> {
     let mut p = p.clone();
     for s in set {
