@@ -66,6 +66,11 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// dtype of activations and outputs: f32 whatever the weights are
+        /// stored in, or bf16/f16 to reproduce a half-precision forward
+        /// (transformers in bf16).
+        #[arg(long, value_enum, default_value_t = ComputeDTypeArg::F32)]
+        compute_dtype: ComputeDTypeArg,
     },
     /// Compare two models (ONNX or Hugging Face, mixed): a semantic summary,
     /// then a unified diff of their canonical prints.
@@ -91,16 +96,27 @@ enum Command {
         external_data: ExternalDataArg,
     },
     /// Fold a PEFT adapter (and LongLoRA's trained embedding/norm weights) into
-    /// a base model and write the merged model.
+    /// a base model and write the merged model. With --run, LongLoRA's release
+    /// step: the run's position interpolation, adapter and trainable weights,
+    /// with rope_scaling and max_position_embeddings in config.json.
     Merge {
         /// The base model (.onnx or Hugging Face directory).
         model: PathBuf,
         /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
-        #[arg(long)]
-        adapter: PathBuf,
+        #[arg(long, required_unless_present = "run")]
+        adapter: Option<PathBuf>,
         /// LongLoRA's trainable_params.safetensors (embedding and norms).
         #[arg(long)]
         trainable: Option<PathBuf>,
+        /// A `run-train --out` directory trained from MODEL: merges its
+        /// adapter/ and trainable_params.safetensors and applies its position
+        /// interpolation (from run.yaml).
+        #[arg(long, conflicts_with_all = ["adapter", "trainable"])]
+        run: Option<PathBuf>,
+        /// Do not raise a torch ONNX export to LLaMA-level ops (merging then
+        /// fails on one).
+        #[arg(long)]
+        no_raise: bool,
         #[arg(short, long)]
         output: PathBuf,
         /// When ONNX weights go to an external data file beside the model.
@@ -299,6 +315,32 @@ struct ModelArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Do not raise a torch ONNX export to LLaMA-level ops (evaluation then
+    /// fails on one).
+    #[arg(long)]
+    no_raise: bool,
+    /// dtype of activations: f32 whatever the weights are stored in, or
+    /// bf16/f16 to reproduce a half-precision forward (transformers in bf16).
+    #[arg(long, value_enum, default_value_t = ComputeDTypeArg::F32)]
+    compute_dtype: ComputeDTypeArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ComputeDTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ComputeDTypeArg {
+    fn compute(self) -> runtime::ComputeDType {
+        let d = match self {
+            ComputeDTypeArg::F32 => ir::DType::F32,
+            ComputeDTypeArg::Bf16 => ir::DType::BF16,
+            ComputeDTypeArg::F16 => ir::DType::F16,
+        };
+        runtime::ComputeDType::new(d).expect("a floating dtype")
+    }
 }
 
 /// `lcc run-train` options. Every option can also come from `--config
@@ -408,6 +450,10 @@ struct RunTrainArgs {
     /// cpu or cuda [default: cpu].
     #[arg(long)]
     device: Option<String>,
+    /// dtype of activations: f32 whatever the weights are stored in, or
+    /// bf16/f16 (frozen weights rounded to it) [default: f32].
+    #[arg(long)]
+    compute_dtype: Option<String>,
     /// Output directory.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -434,6 +480,11 @@ struct PipelineArgs {
     /// Override a pass option: PASS.OPTION=VALUE (VALUE is YAML), repeatable.
     #[arg(long = "set", value_name = "PASS.OPTION=VALUE")]
     set: Vec<String>,
+    /// Do not raise a torch ONNX export to LLaMA-level ops before a pass
+    /// that needs them (pi, s2attn, lora, trainable, merge-lora, autodiff):
+    /// such a pass then fails.
+    #[arg(long)]
+    no_raise: bool,
 }
 
 impl PipelineArgs {
@@ -496,7 +547,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             inputs,
             output,
             threads,
-        } => exec(&model, &inputs, &output, threads),
+            compute_dtype,
+        } => exec(&model, &inputs, &output, threads, compute_dtype.compute()),
         Command::DiffGraph {
             a,
             b,
@@ -512,15 +564,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             model,
             adapter,
             trainable,
+            run,
+            no_raise,
             output,
             external_data,
         } => {
-            let graph = hf::peft::merge(&model, &adapter, trainable.as_deref())?;
+            let mut graph = model::load(&model)?;
+            raise_on_demand(&mut graph, &model, no_raise, "merge")?;
+            let merged = match (&run, &adapter) {
+                (Some(run), _) => {
+                    lcc::merge::merge_run(&mut graph, run)?;
+                    run.display().to_string()
+                }
+                (None, Some(adapter)) => {
+                    lcc::merge::apply(&mut graph, Some(adapter), trainable.as_deref())?;
+                    lcc::merge::fold_lora(&mut graph)?;
+                    adapter.display().to_string()
+                }
+                (None, None) => bail!("name what to merge: --adapter DIR or --run DIR"),
+            };
             let format = model::save(&graph, &output, &export_options(external_data))
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!(
-                "merged {} into {}; wrote {} ({})",
-                adapter.display(),
+                "merged {merged} into {}; wrote {} ({})",
                 model.display(),
                 output.display(),
                 format.describe()
@@ -671,9 +737,15 @@ fn inspect_cost(
     }
     let mut graph = model::load(path)?;
     if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
-        pipeline
-            .build()?
-            .run(&mut graph, &passes::RunOptions::default(), |_, _| {})?;
+        let options = passes::RunOptions {
+            no_raise: pipeline.no_raise,
+            ..Default::default()
+        };
+        pipeline.build()?.run(&mut graph, &options, |report, _| {
+            if report.automatic {
+                eprintln!("{}", report.summary_line());
+            }
+        })?;
     }
     let cost = lcc::cost::cost(&graph, seq_len, batch)?;
     if json {
@@ -684,7 +756,13 @@ fn inspect_cost(
     Ok(ExitCode::SUCCESS)
 }
 
-fn exec(path: &Path, inputs: &Path, output: &Path, threads: Option<usize>) -> Result<ExitCode> {
+fn exec(
+    path: &Path,
+    inputs: &Path,
+    output: &Path,
+    threads: Option<usize>,
+    compute: runtime::ComputeDType,
+) -> Result<ExitCode> {
     let graph = model::load(path)?;
     let tensors: HashMap<String, Tensor> = hf::read_tensors(inputs)
         .with_context(|| format!("reading inputs from {}", inputs.display()))?
@@ -693,7 +771,8 @@ fn exec(path: &Path, inputs: &Path, output: &Path, threads: Option<usize>) -> Re
     let backend = match threads {
         Some(n) => runtime::cpu::CpuBackend::with_threads(n),
         None => runtime::cpu::CpuBackend::new(),
-    };
+    }
+    .with_compute_dtype(compute);
     let start = std::time::Instant::now();
     let outputs = runtime::Backend::run(&backend, &graph, &tensors)?;
     let elapsed = start.elapsed();
@@ -779,14 +858,14 @@ fn export_options(external: ExternalDataArg) -> onnx::ExportOptions {
 #[allow(clippy::too_many_arguments)]
 fn rewrite(
     input: &Path,
-    pipeline: &PipelineArgs,
+    pipeline_args: &PipelineArgs,
     output: &Path,
     print_after: &[String],
     explain: bool,
     verify: bool,
     external: ExternalDataArg,
 ) -> Result<ExitCode> {
-    let pipeline = pipeline.build()?;
+    let pipeline = pipeline_args.build()?;
     for p in print_after {
         if p != "all" && !pipeline.passes.iter().any(|s| &s.name == p) {
             bail!("--print-after {p}: pass '{p}' is not in the pipeline");
@@ -795,9 +874,15 @@ fn rewrite(
     let mut graph = model::load(input)?;
     let start = std::time::Instant::now();
     let mut printed = Ok(());
-    let reports = pipeline.run(&mut graph, &passes::RunOptions { verify }, |report, g| {
+    let options = passes::RunOptions {
+        verify,
+        no_raise: pipeline_args.no_raise,
+    };
+    let reports = pipeline.run(&mut graph, &options, |report, g| {
         if explain {
             eprintln!("{report}");
+        } else if report.automatic {
+            eprintln!("{}", report.summary_line());
         }
         if print_after.iter().any(|p| p == "all" || *p == report.pass) {
             match ir::print(g) {
@@ -929,6 +1014,9 @@ impl RunTrainArgs {
                 "sgd" => OptimizerKind::Sgd,
                 other => bail!("--optimizer {other}: expected adamw or sgd"),
             };
+        }
+        if let Some(s) = self.compute_dtype {
+            c.compute_dtype = lcc::train::config::ComputeDTypeName::parse(&s)?;
         }
         if let Some(s) = self.device {
             c.device = match s.as_str() {
@@ -1062,45 +1150,16 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
             .context("starting the worker threads")?;
     }
     let mut graph = model::load(&args.model)?;
-    if !graph.op_histogram().contains_key("Attention") {
-        passes::Pipeline::from_names("raise")?
-            .run(&mut graph, &passes::RunOptions::default(), |_, _| {})
-            .with_context(|| {
-                format!(
-                    "raising {} to LLaMA ops (evaluation needs them)",
-                    args.model.display()
-                )
-            })?;
-    }
-    let (mut adapter, mut trainable) = (args.adapter.clone(), args.trainable.clone());
-    if let Some(run) = &args.run {
-        let outputs = lcc::train::trainer::RunOutputs::read(run)?;
-        if let Some(p) = &outputs.rewrites {
-            p.run(&mut graph, &passes::RunOptions::default(), |_, _| {})
-                .with_context(|| format!("applying the rewrites of the run {}", run.display()))?;
+    raise_on_demand(&mut graph, &args.model, args.no_raise, "evaluation")?;
+    match &args.run {
+        Some(run) => {
+            lcc::merge::apply_run(&mut graph, run)?;
         }
-        if outputs.adapter.is_none() && outputs.trainable.is_none() {
-            if run.join("model").is_dir() {
-                bail!(
-                    "the run {} saved a whole fine-tuned model: evaluate {} itself",
-                    run.display(),
-                    run.join("model").display()
-                );
-            }
-            bail!(
-                "the run {} has neither adapter/ nor trainable_params.safetensors (did it finish?)",
-                run.display()
-            );
-        }
-        (adapter, trainable) = (outputs.adapter, outputs.trainable);
-    }
-    if let Some(dir) = &adapter {
-        let adapter = hf::peft::load_adapter(dir)?;
-        hf::peft::apply_adapter(&mut graph, &adapter)
-            .with_context(|| format!("applying the adapter {}", dir.display()))?;
-    }
-    if let Some(file) = &trainable {
-        hf::peft::load_trainable(&mut graph, file)?;
+        None => lcc::merge::apply(
+            &mut graph,
+            args.adapter.as_deref(),
+            args.trainable.as_deref(),
+        )?,
     }
     let vocab = vocab_size(&graph).ok_or_else(|| {
         anyhow::anyhow!(
@@ -1111,6 +1170,23 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
     let dir = args.model.is_dir().then_some(args.model.as_path());
     let tokenizer = Tokenizer::for_model(dir, vocab, dir.and_then(config_eos))?;
     Ok((graph, tokenizer))
+}
+
+/// Raises a torch ONNX export to LLaMA-level ops when `what` needs them,
+/// saying so in one line; with `no_raise` such a graph is an error.
+fn raise_on_demand(graph: &mut ir::Graph, path: &Path, no_raise: bool, what: &str) -> Result<()> {
+    if no_raise && !passes::is_llama_level(graph) {
+        bail!(
+            "{} holds primitive ONNX ops (a torch export) and {what} needs LLaMA-level ops; drop --no-raise to raise it first",
+            path.display()
+        );
+    }
+    if let Some(report) = passes::ensure_llama_level(graph, what)
+        .with_context(|| format!("raising {} to LLaMA-level ops", path.display()))?
+    {
+        eprintln!("{}", report.summary_line());
+    }
+    Ok(())
 }
 
 /// The last dimension of the logits output.
@@ -1168,8 +1244,15 @@ fn eval_ppl(
     let mut results = Vec::with_capacity(ctxs.len());
     for &ctx in ctxs {
         let start = std::time::Instant::now();
-        let r = eval::perplexity(&graph, &tokens, ctx, stride.unwrap_or(ctx), max_windows)
-            .with_context(|| format!("perplexity at context {ctx}"))?;
+        let r = eval::perplexity(
+            &graph,
+            &tokens,
+            ctx,
+            stride.unwrap_or(ctx),
+            max_windows,
+            args.compute_dtype.compute(),
+        )
+        .with_context(|| format!("perplexity at context {ctx}"))?;
         eprintln!(
             "ctx {ctx}: {} windows in {:.2} s",
             r.windows,
@@ -1217,10 +1300,15 @@ fn eval_passkey(
         bail!("--trials must be at least 1");
     }
     let (graph, tokenizer) = load_for_eval(args)?;
-    let results =
-        lcc::train::passkey::passkey_retrieval(&graph, &tokenizer, lengths, trials, seed, |r| {
-            eprintln!("length {}: {}/{} correct", r.length, r.correct, r.trials)
-        })?;
+    let results = lcc::train::passkey::passkey_retrieval(
+        &graph,
+        &tokenizer,
+        lengths,
+        trials,
+        seed,
+        args.compute_dtype.compute(),
+        |r| eprintln!("length {}: {}/{} correct", r.length, r.correct, r.trials),
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -1250,7 +1338,14 @@ fn generate(
         bail!("--prompt is empty; give some text to continue");
     }
     let start = std::time::Instant::now();
-    let out = lcc::train::generate::generate(&graph, &ids, max_new, sampling, tokenizer.eos_id())?;
+    let out = lcc::train::generate::generate(
+        &graph,
+        &ids,
+        max_new,
+        sampling,
+        tokenizer.eos_id(),
+        args.compute_dtype.compute(),
+    )?;
     let secs = start.elapsed().as_secs_f64();
     println!("{}", tokenizer.decode(&out));
     eprintln!(

@@ -38,7 +38,14 @@ fn loss_and_gradients_match_pytorch_peft() {
     peft::apply_adapter(&mut g, &adapter).unwrap();
     Pipeline::from_names("trainable")
         .unwrap()
-        .run(&mut g, &RunOptions { verify: true }, |_, _| {})
+        .run(
+            &mut g,
+            &RunOptions {
+                verify: true,
+                ..Default::default()
+            },
+            |_, _| {},
+        )
         .unwrap();
     let info = autodiff(&mut g, &AutodiffOptions::default()).unwrap();
     lcc::ir::verify(&g).unwrap();

@@ -180,7 +180,7 @@ fn uniform_logits_have_perplexity_vocab_size() {
     g.weights
         .insert(Weight::from_tensor("lm_head.weight", &zeros, false));
     let tokens: Vec<u32> = (0..200).map(|i| (i * 37 % 256) as u32).collect();
-    let r = eval::perplexity(&g, &tokens, 32, 32, None).unwrap();
+    let r = eval::perplexity(&g, &tokens, 32, 32, None, lcc::runtime::ComputeDType::F32).unwrap();
     assert_eq!((r.windows, r.tokens), (6, 6 * 31));
     assert!((r.ppl - 256.0).abs() < 1e-9, "{}", r.ppl);
     assert!((r.ppl_token_weighted - 256.0).abs() < 1e-9);
@@ -222,6 +222,7 @@ fn generate_is_deterministic_with_a_seed() {
         12,
         &lcc::train::generate::Sampling::greedy(),
         Some(2),
+        lcc::runtime::ComputeDType::F32,
     )
     .unwrap();
     let cli = String::from_utf8_lossy(&run("0", "0")).into_owned();

@@ -27,7 +27,14 @@ fn rewritten(model: &Path) -> Graph {
     let mut g = lcc::model::load(model).unwrap();
     let raise = model.extension().is_some_and(|e| e == "onnx");
     train_pipeline(raise)
-        .run(&mut g, &RunOptions { verify: true }, |_, _| {})
+        .run(
+            &mut g,
+            &RunOptions {
+                verify: true,
+                ..Default::default()
+            },
+            |_, _| {},
+        )
         .unwrap();
     g
 }

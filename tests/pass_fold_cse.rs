@@ -163,7 +163,14 @@ fn fold_cse_dce_shrink_the_torch_exports_and_keep_their_logits() {
         let original = lcc::onnx::load(&path).unwrap();
         let mut folded = original.clone();
         let reports = pipeline
-            .run(&mut folded, &RunOptions { verify: true }, |_, _| {})
+            .run(
+                &mut folded,
+                &RunOptions {
+                    verify: true,
+                    ..Default::default()
+                },
+                |_, _| {},
+            )
             .unwrap();
         let (before, after) = (original.g.node_count(), folded.g.node_count());
         eprintln!("{export}: {before} nodes -> {after} nodes");
@@ -190,7 +197,14 @@ fn fold_cse_dce_shrink_the_torch_exports_and_keep_their_logits() {
         // A second run of the whole pipeline changes nothing.
         let printed = ir::print(&folded).unwrap();
         let reports = pipeline
-            .run(&mut folded, &RunOptions { verify: true }, |_, _| {})
+            .run(
+                &mut folded,
+                &RunOptions {
+                    verify: true,
+                    ..Default::default()
+                },
+                |_, _| {},
+            )
             .unwrap();
         assert!(
             reports.iter().all(|r| r.matched == 0),

@@ -30,15 +30,29 @@ fn golden(file: &str) -> Tensor {
 
 fn run_passes(graph: &mut Graph, recipe: &str) -> Vec<Report> {
     let p = Pipeline::from_yaml_str(recipe, Path::new("test.yaml")).unwrap();
-    p.run(graph, &RunOptions { verify: true }, |_, _| {})
-        .unwrap()
+    p.run(
+        graph,
+        &RunOptions {
+            verify: true,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap()
 }
 
 fn run_err(graph: &mut Graph, recipe: &str) -> String {
     let p = Pipeline::from_yaml_str(recipe, Path::new("test.yaml")).unwrap();
-    p.run(graph, &RunOptions { verify: true }, |_, _| {})
-        .unwrap_err()
-        .to_string()
+    p.run(
+        graph,
+        &RunOptions {
+            verify: true,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string()
 }
 
 #[test]
@@ -74,7 +88,7 @@ fn rslora_adapter_logits_match_peft() {
 
 #[test]
 fn merge_matches_peft_merge_and_unload() {
-    let g = peft::merge(&tiny().join("hf"), &peft_dir().join("adapter"), None).unwrap();
+    let g = lcc::merge::merge(&tiny().join("hf"), &peft_dir().join("adapter"), None).unwrap();
     assert!(!g
         .g
         .node_weights()
@@ -94,7 +108,7 @@ fn merge_matches_peft_merge_and_unload() {
     assert!(d < 1e-4, "{d}");
 
     // With LongLoRA's trainable params (embed + norms, PEFT-prefixed names).
-    let g = peft::merge(
+    let g = lcc::merge::merge(
         &tiny().join("hf"),
         &peft_dir().join("adapter"),
         Some(&peft_dir().join("trainable_params.safetensors")),

@@ -29,7 +29,14 @@ fn run_pi(graph: &mut Graph, sets: &[&str]) -> lcc::Result<Report> {
     for s in sets {
         p.set(&format!("pi.{s}"))?;
     }
-    let mut reports = p.run(graph, &RunOptions { verify: true }, |_, _| {})?;
+    let mut reports = p.run(
+        graph,
+        &RunOptions {
+            verify: true,
+            ..Default::default()
+        },
+        |_, _| {},
+    )?;
     Ok(reports.remove(0))
 }
 

@@ -15,7 +15,14 @@ const TOL: f64 = 1e-4;
 fn raise(graph: &mut Graph) -> Report {
     let reports = Pipeline::from_names("raise")
         .unwrap()
-        .run(graph, &RunOptions { verify: true }, |_, _| {})
+        .run(
+            graph,
+            &RunOptions {
+                verify: true,
+                ..Default::default()
+            },
+            |_, _| {},
+        )
         .unwrap();
     reports.into_iter().next().unwrap()
 }

@@ -31,9 +31,16 @@ fn apply(graph: &mut Graph, options: &str) -> lcc::passes::Report {
         Path::new("test.yaml"),
     )
     .unwrap();
-    p.run(graph, &RunOptions { verify: true }, |_, _| {})
-        .unwrap()
-        .remove(0)
+    p.run(
+        graph,
+        &RunOptions {
+            verify: true,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap()
+    .remove(0)
 }
 
 fn try_apply(graph: &mut Graph, options: &str) -> lcc::Result<Vec<lcc::passes::Report>> {
@@ -41,7 +48,14 @@ fn try_apply(graph: &mut Graph, options: &str) -> lcc::Result<Vec<lcc::passes::R
         &format!("passes:\n  - s2attn: {options}\n"),
         Path::new("test.yaml"),
     )?;
-    p.run(graph, &RunOptions { verify: true }, |_, _| {})
+    p.run(
+        graph,
+        &RunOptions {
+            verify: true,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
 }
 
 fn exec(graph: &Graph, inputs: &Path) -> HashMap<String, Tensor> {

@@ -183,6 +183,15 @@ const ROPE_KEYS: &[&str] = &[
 ];
 
 impl LlamaConfig {
+    /// Whether the file states `max_position_embeddings` (else the field
+    /// holds transformers' default, 2048, which says nothing about how long
+    /// the model was trained).
+    pub fn records_max_position_embeddings(&self) -> bool {
+        self.raw
+            .get("max_position_embeddings")
+            .is_some_and(|v| v.is_u64())
+    }
+
     /// Reads and checks `path` (a config.json).
     pub fn from_file(path: &Path) -> Result<LlamaConfig> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;

@@ -23,7 +23,7 @@ pub use safetensors::{
     write_safetensors, write_sharded, write_tensors, Header, TensorEntry, INDEX_FILE, SINGLE_FILE,
 };
 
-use crate::ir::{Graph, Op, RopeAttrs};
+use crate::ir::{AttentionPattern, BinaryOp, Graph, Op, RopeAttrs};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -116,6 +116,80 @@ fn graph_rope(graph: &Graph) -> Result<Option<RopeAttrs>> {
     Ok(found)
 }
 
+/// Refuses a graph that a Hugging Face directory (config.json + weights)
+/// would not reproduce: what transformers builds from the config is the
+/// plain LLaMA forward, so anything else in the graph would be dropped
+/// without a word on the way out.
+fn check_expressible(graph: &Graph, dir: &Path) -> Result<()> {
+    if let Some(n) = graph
+        .g
+        .node_indices()
+        .find(|&n| graph.node(n).op.is_training())
+    {
+        return Err(Error::invalid(format!(
+            "node '{}' ({}) is a training op: a training graph cannot be saved as a Hugging Face model ({}); save the model before the autodiff pass",
+            graph.display_name(n),
+            graph.node(n).op.name(),
+            dir.display()
+        )));
+    }
+    let lora = graph
+        .g
+        .node_weights()
+        .filter(|n| matches!(n.op, Op::LoraLinear(_)))
+        .count();
+    if lora > 0 {
+        return Err(Error::invalid(format!(
+            "the graph has {lora} LoRA branches, which a Hugging Face model directory cannot hold; \
+             fold them into the weights first (the merge-lora pass: --passes …,merge-lora), \
+             save them as a PEFT adapter, or write ONNX (*.onnx) instead of {}",
+            dir.display()
+        )));
+    }
+    if let Some(what) = graph.meta.prop(crate::ir::BEYOND_CONFIG_PROP) {
+        return Err(Error::invalid(format!(
+            "the model holds {what} (recorded by lcc when it wrote this ONNX), which config.json cannot express; {} would lose it. Keep it as ONNX, or rewrite the original model (s2attn.inference=true, merge-lora) before converting",
+            dir.display()
+        )));
+    }
+    if !graph.g.node_weights().any(|n| n.op.is_llama_level()) {
+        // ONNX that lcc wrote from a plain LLaMA: lowered to primitives, the
+        // config it carries describes it.
+        return Ok(());
+    }
+    for n in graph.topo_order()? {
+        let node = graph.node(n);
+        let name = graph.display_name(n);
+        match &node.op {
+            Op::Attention(a) if a.pattern != AttentionPattern::FullCausal => {
+                return Err(Error::invalid(format!(
+                    "node '{name}' uses shifted sparse attention (S²-Attn), which config.json cannot express: transformers would run full attention from {}. \
+                     S²-Attn is for training; restore full attention for inference (--set s2attn.inference=true), or write ONNX (*.onnx), which keeps it",
+                    dir.display()
+                )));
+            }
+            Op::Input
+            | Op::Weight { .. }
+            | Op::Embedding
+            | Op::RmsNorm { .. }
+            | Op::Linear
+            | Op::Rope(_)
+            | Op::Attention(_)
+            | Op::SwiGlu
+            | Op::Binary(BinaryOp::Add)
+            | Op::Identity => {}
+            op => {
+                return Err(Error::invalid(format!(
+                    "node '{name}' ({}) is not part of the LLaMA forward that config.json describes, so {} would lose it; write ONNX (*.onnx) instead, or find why 'raise' left it (lcc rewrite --passes raise --explain)",
+                    op.name(),
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Saves a LLaMA graph as a Hugging Face dir: `config.json` and the graph's
 /// weights. The dir is created if needed; other files in it (tokenizer, …)
 /// are kept, weight files of an earlier save are replaced. Nothing is
@@ -128,19 +202,7 @@ pub fn save_with(graph: &Graph, dir: &Path, opts: &SaveOptions) -> Result<()> {
             dir.display()
         ))
     })?;
-    let lora = graph
-        .g
-        .node_weights()
-        .filter(|n| matches!(n.op, crate::ir::Op::LoraLinear(_)))
-        .count();
-    if lora > 0 {
-        return Err(Error::invalid(format!(
-            "the graph has {lora} LoRA branches, which a Hugging Face model directory cannot hold; \
-             fold them into the weights first (the merge-lora pass: --passes …,merge-lora), \
-             save them as a PEFT adapter, or write ONNX (*.onnx) instead of {}",
-            dir.display()
-        )));
-    }
+    check_expressible(graph, dir)?;
     let mut cfg = LlamaConfig::from_json_str(text, Path::new("<graph property hf.config>"))?;
     if let Some(rope) = graph_rope(graph)? {
         cfg.set_rope(&rope);

@@ -13,7 +13,7 @@
 
 use crate::ir::{DType, Graph, Op, Tensor, TensorData, Weight};
 use crate::passes::lora::{self, is_lora_weight, resolve_target, PEFT_PREFIX};
-use crate::passes::{merge_lora, Pass, Report};
+use crate::passes::{Pass, Report};
 use crate::{Error, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -417,20 +417,6 @@ pub fn save_trainable(graph: &Graph, file: &Path) -> Result<usize> {
         .collect();
     super::write_safetensors(file, &weights, &[("format", "pt")])?;
     Ok(weights.len())
-}
-
-/// `lcc merge`: loads `model` (HF dir or ONNX), applies the adapter, loads
-/// the trainable params if given, and folds the LoRA branches into the base
-/// weights. The result has the base model's structure and names.
-pub fn merge(model: &Path, adapter: &Path, trainable: Option<&Path>) -> Result<Graph> {
-    let mut graph = crate::model::load(model)?;
-    let adapter = load_adapter(adapter)?;
-    apply_adapter(&mut graph, &adapter)?;
-    if let Some(file) = trainable {
-        load_trainable(&mut graph, file)?;
-    }
-    merge_lora::MergeLora::new(merge_lora::Options::default()).run(&mut graph)?;
-    Ok(graph)
 }
 
 #[cfg(test)]

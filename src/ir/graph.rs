@@ -46,6 +46,33 @@ pub struct Node {
     pub outputs: Vec<Output>,
 }
 
+/// The metadata key under which an export lowered to primitives records what
+/// a plain LLaMA config.json does not describe (S²-Attn, unmerged LoRA), so
+/// that a later save as a Hugging Face dir refuses instead of dropping it.
+pub const BEYOND_CONFIG_PROP: &str = "lcc.beyond_config";
+
+/// What of `graph` a plain LLaMA config.json would not describe, one
+/// phrase per kind (empty when nothing): shifted sparse attention, LoRA.
+pub fn beyond_config(graph: &Graph) -> Vec<String> {
+    let mut s2 = 0;
+    let mut lora = 0;
+    for n in graph.g.node_weights() {
+        match &n.op {
+            super::Op::Attention(a) if a.pattern != super::AttentionPattern::FullCausal => s2 += 1,
+            super::Op::LoraLinear(_) => lora += 1,
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if s2 > 0 {
+        out.push(format!("shifted sparse attention (S²-Attn) in {s2} layers"));
+    }
+    if lora > 0 {
+        out.push(format!("{lora} unmerged LoRA branches"));
+    }
+    out
+}
+
 /// Where a model came from and what it declares about itself.
 #[derive(Clone, Debug, Default)]
 pub struct ModelMeta {

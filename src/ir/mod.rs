@@ -15,7 +15,7 @@ mod verify;
 mod weights;
 
 pub use dtype::DType;
-pub use graph::{Edge, Graph, ModelMeta, Node, Output, Value};
+pub use graph::{beyond_config, Edge, Graph, ModelMeta, Node, Output, Value, BEYOND_CONFIG_PROP};
 pub use op::*;
 pub use patch::{Patch, PatchStats, PatchValue};
 pub use petgraph::stable_graph::NodeIndex;

@@ -184,7 +184,19 @@ fn prepare(graph: &Graph) -> Result<Prepared<'_>> {
         None => 17,
     };
     let lowered = if needs_lowering {
-        Some(lower::lower(graph, base)?)
+        let mut g = lower::lower(graph, base)?;
+        // Primitives do not show what config.json could not describe: say
+        // it in the metadata, so a later save as an HF dir refuses.
+        let beyond = crate::ir::beyond_config(graph);
+        g.meta
+            .props
+            .retain(|(k, _)| k != crate::ir::BEYOND_CONFIG_PROP);
+        if !beyond.is_empty() {
+            g.meta
+                .props
+                .push((crate::ir::BEYOND_CONFIG_PROP.into(), beyond.join("; ")));
+        }
+        Some(g)
     } else {
         None
     };

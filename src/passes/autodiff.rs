@@ -83,6 +83,10 @@ impl Autodiff {
 }
 
 impl Pass for Autodiff {
+    fn needs_llama_level(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "autodiff"
     }

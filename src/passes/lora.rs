@@ -187,6 +187,10 @@ pub fn kaiming_uniform(rows: usize, fan_in: usize, seed: u64, name: &str) -> Ten
 }
 
 impl Pass for Lora {
+    fn needs_llama_level(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "lora"
     }

@@ -62,6 +62,10 @@ fn f32_values(graph: &Graph, name: &str, node: &str) -> Result<(Vec<f32>, Vec<us
 }
 
 impl Pass for MergeLora {
+    fn needs_llama_level(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "merge-lora"
     }

@@ -37,6 +37,46 @@ pub trait Pass {
     fn name(&self) -> &'static str;
     /// Rewrites the graph; the report says what changed.
     fn run(&self, graph: &mut Graph) -> Result<Report>;
+    /// Whether the pass works on LLaMA-level ops (Rope, Attention, Linear,
+    /// …). Before such a pass the pipeline raises a primitive ONNX graph (a
+    /// torch export) first, unless told not to.
+    fn needs_llama_level(&self) -> bool {
+        false
+    }
+}
+
+/// Whether the graph holds LLaMA-level ops (a Hugging Face model, or an
+/// ONNX export that was raised or written by lcc).
+pub fn is_llama_level(graph: &Graph) -> bool {
+    graph.g.node_weights().any(|n| n.op.is_llama_level())
+}
+
+/// Raises a primitive ONNX graph (a torch export) to LLaMA-level ops, strictly:
+/// a block that does not match is an error naming the layer and the part.
+/// `None` when the graph is LLaMA-level already. `why` names what needs it
+/// (a pass, `merge`, `eval`), for the report's note.
+pub fn ensure_llama_level(graph: &mut Graph, why: &str) -> Result<Option<Report>> {
+    if is_llama_level(graph) {
+        return Ok(None);
+    }
+    let start = Instant::now();
+    let nodes_before = graph.g.node_count();
+    let mut report = raise::Raise::new(raise::Options { strict: true })
+        .run(graph)
+        .map_err(|e| Error::invalid(format!("{e} ({why} needs LLaMA-level ops)")))?;
+    report.pass = "raise".into();
+    report.automatic = true;
+    report.elapsed_s = start.elapsed().as_secs_f64();
+    if report.nodes_added == 0 && report.nodes_removed == 0 {
+        let after = graph.g.node_count();
+        report.nodes_added = after.saturating_sub(nodes_before);
+        report.nodes_removed = nodes_before.saturating_sub(after);
+    }
+    report.notes.insert(
+        0,
+        format!("{why} needs LLaMA-level ops and the graph held primitive ONNX ops (a torch export); --no-raise turns this off"),
+    );
+    Ok(Some(report))
 }
 
 /// What a pass did, for `--explain`.
@@ -52,6 +92,21 @@ pub struct Report {
     /// Anything else worth saying (what was skipped and why, …).
     pub notes: Vec<String>,
     pub elapsed_s: f64,
+    /// Run on demand (a `raise` before a pass that needs LLaMA-level ops),
+    /// not named by the user.
+    pub automatic: bool,
+}
+
+impl Report {
+    /// The one line a command prints for a pass it ran on its own.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "note: ran '{}' first ({:.2} s): {}",
+            self.pass,
+            self.elapsed_s,
+            self.notes.first().map_or("", String::as_str)
+        )
+    }
 }
 
 impl std::fmt::Display for Report {
@@ -157,6 +212,9 @@ pub struct Pipeline {
 pub struct RunOptions {
     /// Run `ir::verify` after every pass.
     pub verify: bool,
+    /// Do not raise a primitive ONNX graph before a pass that needs
+    /// LLaMA-level ops (`--no-raise`): such a pass then fails.
+    pub no_raise: bool,
 }
 
 impl Pipeline {
@@ -325,6 +383,23 @@ impl Pipeline {
         let passes = self.build()?;
         let mut reports = Vec::with_capacity(passes.len());
         for pass in passes {
+            if pass.needs_llama_level() && !is_llama_level(graph) {
+                if options.no_raise {
+                    return Err(Error::invalid(format!(
+                        "pass '{}' works on LLaMA-level ops and the graph holds primitive ONNX ops (a torch export); put 'raise' before it, or drop --no-raise",
+                        pass.name()
+                    )));
+                }
+                if let Some(report) = ensure_llama_level(graph, &format!("pass '{}'", pass.name()))?
+                {
+                    if options.verify {
+                        ir::verify(graph)
+                            .map_err(|e| Error::invalid(format!("after pass 'raise': {e}")))?;
+                    }
+                    after(&report, graph);
+                    reports.push(report);
+                }
+            }
             let nodes_before = graph.g.node_count();
             let params_before = graph.weights.num_params() as i64;
             let start = Instant::now();

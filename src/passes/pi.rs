@@ -18,7 +18,9 @@
 //! The model's *original* length is its pretraining context: the
 //! `original_max_position_embeddings` option if given, else the one an
 //! existing dynamic/yarn/llama3 scaling records, else the `hf.config`
-//! property's `max_position_embeddings` divided by an existing linear factor
+//! property's `max_position_embeddings` (only when the config records it:
+//! a torch ONNX export raised by `raise` does not, and lcc never assumes
+//! transformers' default of 2048 here) divided by an existing linear factor
 //! (lcc records a linearly scaled model as transformers and LongLoRA's
 //! released checkpoints do: `max_position_embeddings` = original · factor).
 //! A config that left `max_position_embeddings` at the pretraining length
@@ -199,6 +201,10 @@ fn describe(s: &RopeScaling) -> String {
 }
 
 impl Pass for PositionInterpolation {
+    fn needs_llama_level(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
@@ -249,7 +255,7 @@ impl Pass for PositionInterpolation {
         ) {
             (Some(n), _, _) => Some(n),
             (None, Some(n), _) => Some(n),
-            (None, None, Some(cfg)) => {
+            (None, None, Some(cfg)) if cfg.records_max_position_embeddings() => {
                 let n = cfg.max_position_embeddings as f64 / old_factor;
                 if n.fract() != 0.0 || n < 1.0 {
                     return Err(bad(format!(
@@ -259,11 +265,15 @@ impl Pass for PositionInterpolation {
                 }
                 Some(n as u64)
             }
-            (None, None, None) => None,
+            _ => None,
         };
         let need_original = |why: &str| {
             bad(format!(
-                "{why} needs the model's original context length, and the graph has neither a '{CONFIG_PROP}' property (a model loaded from a Hugging Face dir) nor a scaling that records it; give 'original_max_position_embeddings'"
+                "{why} needs the model's original (pretraining) context length, and the model does not record it ({}); give it: --set pi.original_max_position_embeddings=N",
+                match &config {
+                    Some(_) => "its config has no max_position_embeddings, and its RoPE no scaling that records one: torch's ONNX exports compute cos/sin from the positions and keep no length",
+                    None => "no config and no scaling that records one",
+                }
             ))
         };
         let factor = match (o.factor, o.target_len) {

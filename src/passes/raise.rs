@@ -55,14 +55,31 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Options {}
+#[serde(deny_unknown_fields, default)]
+pub struct Options {
+    /// Fail, naming the layer and the part, when any block stays primitive
+    /// (the raise that runs on demand before a LLaMA-level pass is strict).
+    pub strict: bool,
+}
 
-pub struct Raise;
+pub struct Raise {
+    options: Options,
+}
 
 impl Raise {
-    pub fn new(_options: Options) -> Self {
-        Raise
+    pub fn new(options: Options) -> Self {
+        Raise { options }
+    }
+}
+
+/// The part of a block a matcher's complaint is about, for error messages.
+fn part_of(why: &str) -> &'static str {
+    if why.contains("RMSNorm") {
+        "norm"
+    } else if why.contains("RoPE") || why.contains("inv_freq") {
+        "RoPE"
+    } else {
+        "attention"
     }
 }
 
@@ -989,6 +1006,62 @@ struct Plan {
     layers: Vec<(AttentionBlock, Option<MlpBlock>)>,
     head: Option<Head>,
     notes: Vec<String>,
+    /// The layer whose attention did not match and the matcher's reason:
+    /// where the walk along the residual stream stopped.
+    stopped_at: Option<(usize, String)>,
+    /// Why the last layer's MLP, or the final norm and lm_head, did not match.
+    mlp_failure: Option<String>,
+    head_failure: Option<String>,
+}
+
+impl Plan {
+    /// What stays primitive, naming the layer and the part (attention,
+    /// RoPE, MLP, norm); `None` when the whole model matched.
+    fn incomplete(&self) -> Option<String> {
+        let norm_or = |why: &str, part: &'static str| {
+            if why.contains("RMSNorm") {
+                "norm"
+            } else {
+                part
+            }
+        };
+        let stopped = self.stopped_at.as_ref().map(|(layer, why)| {
+            format!("layer {layer}: the {} did not match ({why})", part_of(why))
+        });
+        if self.embed.is_none() {
+            return Some(
+                "no embedding found (a Gather of a [vocab, hidden] weight by input_ids)".into(),
+            );
+        }
+        if self.layers.is_empty() {
+            return Some(stopped.unwrap_or_else(|| "no decoder layer found".into()));
+        }
+        if let Some(why) = &self.mlp_failure {
+            return Some(format!(
+                "layer {}: the {} did not match ({why})",
+                self.layers.len() - 1,
+                norm_or(why, "MLP")
+            ));
+        }
+        if let Some(why) = &self.head_failure {
+            let head = if why.contains("RMSNorm") {
+                "final norm"
+            } else {
+                "lm_head"
+            };
+            return Some(match stopped {
+                Some(s) => format!(
+                    "{s}; after {} layers the {head} did not match either ({why})",
+                    self.layers.len()
+                ),
+                None => format!(
+                    "after {} layers, the {head} did not match ({why})",
+                    self.layers.len()
+                ),
+            });
+        }
+        None
+    }
 }
 
 fn plan(g: &Graph) -> Plan {
@@ -1011,6 +1084,7 @@ fn plan(g: &Graph) -> Plan {
                     plan.notes
                         .push(format!("layer 0 attention not matched: {why}"));
                 }
+                plan.stopped_at = Some((layer, why));
                 break;
             }
         };
@@ -1024,6 +1098,7 @@ fn plan(g: &Graph) -> Plan {
                 plan.notes.push(format!(
                     "layer {layer} MLP not matched, left primitive: {why}"
                 ));
+                plan.mlp_failure = Some(why);
                 plan.layers.push((attn, None));
                 return plan;
             }
@@ -1031,10 +1106,13 @@ fn plan(g: &Graph) -> Plan {
     }
     match match_head(g, x) {
         Ok(h) => plan.head = Some(h),
-        Err(why) => plan.notes.push(format!(
-            "after {} layers: final norm and lm_head not matched, left primitive: {why}",
-            plan.layers.len()
-        )),
+        Err(why) => {
+            plan.notes.push(format!(
+                "after {} layers: final norm and lm_head not matched, left primitive: {why}",
+                plan.layers.len()
+            ));
+            plan.head_failure = Some(why);
+        }
     }
     plan
 }
@@ -1086,6 +1164,13 @@ impl Pass for Raise {
             return Ok(report);
         }
         let plan = plan(graph);
+        if self.options.strict {
+            if let Some(what) = plan.incomplete() {
+                return Err(Error::invalid(format!(
+                    "pass 'raise': the graph is not a LLaMA that lcc recognises: {what}"
+                )));
+            }
+        }
         report.notes.extend(plan.notes.iter().cloned());
         let Some(embed) = plan.embed.clone() else {
             return Ok(report);
@@ -1137,14 +1222,39 @@ impl Pass for Raise {
                 "{transposed} Linear weights were stored [in, out] and were transposed into [out, in] copies"
             ));
         }
-        if let Some(cfg) = config {
+        if let Some(mut cfg) = config {
+            // ONNX that lcc wrote carries the model's config.json in its
+            // metadata: what the graph cannot show (the trained context,
+            // token ids) comes from there.
+            let recorded = graph
+                .meta
+                .prop(CONFIG_PROP)
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok());
+            let mut kept = Vec::new();
+            if let (Some(serde_json::Value::Object(old)), Some(new)) =
+                (recorded, cfg.as_object_mut())
+            {
+                for (k, v) in old {
+                    if !new.contains_key(&k) && k != "rope_scaling" && k != "rope_parameters" {
+                        kept.push(k.clone());
+                        new.insert(k, v);
+                    }
+                }
+            }
             let text = serde_json::to_string_pretty(&cfg).expect("JSON serializes");
             graph.meta.props.retain(|(k, _)| k != CONFIG_PROP);
             graph.meta.props.push((CONFIG_PROP.into(), text));
-            report.notes.push(format!(
-                "raised {} layers; hf.config reconstructed (max_position_embeddings unknown, left absent)",
-                plan.layers.len()
-            ));
+            report.notes.push(match cfg.get("max_position_embeddings") {
+                Some(n) => format!(
+                    "raised {} layers; hf.config reconstructed, max_position_embeddings {n} from the model's own hf.config metadata (written by lcc; kept: {})",
+                    plan.layers.len(),
+                    kept.join(", ")
+                ),
+                None => format!(
+                    "raised {} layers; hf.config reconstructed; the export records no max_position_embeddings (torch computes cos/sin from the positions), so passes that need the original context ask for pi.original_max_position_embeddings",
+                    plan.layers.len()
+                ),
+            });
         }
         Ok(report)
     }

@@ -101,6 +101,10 @@ impl ShiftedSparseAttention {
 }
 
 impl Pass for ShiftedSparseAttention {
+    fn needs_llama_level(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

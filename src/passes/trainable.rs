@@ -77,6 +77,10 @@ pub fn matches(pattern: &str, name: &str) -> bool {
 }
 
 impl Pass for Trainable {
+    fn needs_llama_level(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "trainable"
     }

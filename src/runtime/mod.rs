@@ -8,7 +8,7 @@ use std::collections::HashMap;
 pub mod cpu;
 pub mod schedule;
 
-pub use cpu::{CpuBackend, Session};
+pub use cpu::{ComputeDType, CpuBackend, Session};
 pub use schedule::Schedule;
 
 /// Something that runs a graph.

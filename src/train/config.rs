@@ -35,6 +35,42 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// The dtype a run computes activations in (see
+/// [`crate::runtime::ComputeDType`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDTypeName {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ComputeDTypeName {
+    pub fn parse(text: &str) -> Result<ComputeDTypeName> {
+        Ok(match text {
+            "f32" | "float32" => ComputeDTypeName::F32,
+            "bf16" | "bfloat16" => ComputeDTypeName::Bf16,
+            "f16" | "float16" => ComputeDTypeName::F16,
+            other => {
+                return Err(Error::invalid(format!(
+                    "--compute-dtype {other}: expected f32, bf16 or f16"
+                )))
+            }
+        })
+    }
+
+    pub fn compute(self) -> crate::runtime::ComputeDType {
+        use crate::ir::DType;
+        let d = match self {
+            ComputeDTypeName::F32 => DType::F32,
+            ComputeDTypeName::Bf16 => DType::BF16,
+            ComputeDTypeName::F16 => DType::F16,
+        };
+        crate::runtime::ComputeDType::new(d).expect("a floating dtype")
+    }
+}
+
 /// Every option of `lcc run-train`. Field docs are the `--help` texts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,6 +128,10 @@ pub struct TrainConfig {
     /// Validation batches per evaluation (0: all validation rows).
     pub eval_batches: usize,
     pub device: DeviceKind,
+    /// dtype of activations: f32 (default, whatever the weights' dtype) or
+    /// bf16/f16 (frozen weights rounded to it, activations rounded after
+    /// each op).
+    pub compute_dtype: ComputeDTypeName,
     /// Output directory.
     pub out: Option<PathBuf>,
     /// Continue from the newest checkpoint in `out`.
@@ -139,6 +179,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_batches: 8,
             device: DeviceKind::Cpu,
+            compute_dtype: ComputeDTypeName::F32,
             out: None,
             resume: false,
             ignore_index: -100,

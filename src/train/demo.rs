@@ -131,7 +131,14 @@ pub fn run_demo(out: &mut impl Write) -> Result<()> {
     ] {
         write!(out, "{name:<28}").map_err(io)?;
         for c in ctxs {
-            let r = perplexity(graph, &tokens, c, c, Some(EVAL_WINDOWS))?;
+            let r = perplexity(
+                graph,
+                &tokens,
+                c,
+                c,
+                Some(EVAL_WINDOWS),
+                crate::runtime::ComputeDType::F32,
+            )?;
             write!(out, "{:>10.3}", r.ppl).map_err(io)?;
             out.flush().map_err(io)?;
         }

@@ -10,6 +10,7 @@
 
 use super::tokenizer::Tokenizer;
 use crate::ir::{Graph, Tensor};
+use crate::runtime::{ComputeDType, Session};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -86,6 +87,7 @@ pub fn perplexity(
     ctx: usize,
     stride: usize,
     max_windows: Option<usize>,
+    compute: ComputeDType,
 ) -> Result<PplResult> {
     if ctx < 2 {
         return Err(Error::invalid(format!(
@@ -110,13 +112,15 @@ pub fn perplexity(
         .first()
         .map(|&i| graph.node(i).outputs[0].name.clone())
         .unwrap_or_else(|| "input_ids".into());
+    // Weights decoded once for all windows.
+    let session = Session::with_compute_dtype(graph.clone(), None, compute)?;
     let mut sum_window_means = 0.0;
     let mut total_loss = 0.0;
     let mut scored = 0usize;
     for &start in &starts {
         let window = &tokens[start..start + ctx];
         let ids = Tensor::i64(vec![1, ctx], window.iter().map(|&t| t as i64).collect());
-        let mut out = crate::runtime::cpu::run(graph, &HashMap::from([(input.clone(), ids)]))?;
+        let mut out = session.run(&HashMap::from([(input.clone(), ids)]))?;
         let logits = out
             .remove("logits")
             .or_else(|| out.into_values().next())

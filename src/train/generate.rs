@@ -3,6 +3,7 @@
 
 use crate::ir::Graph;
 use crate::runtime::cpu::decode::DecodeSession;
+use crate::runtime::ComputeDType;
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 
@@ -100,8 +101,9 @@ pub fn generate(
     max_new: usize,
     sampling: &Sampling,
     eos: Option<u32>,
+    compute: ComputeDType,
 ) -> Result<Vec<u32>> {
-    let mut session = DecodeSession::new(graph)?;
+    let mut session = DecodeSession::with_compute_dtype(graph, compute)?;
     generate_with(&mut session, prompt, max_new, sampling, eos)
 }
 

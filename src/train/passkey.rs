@@ -6,6 +6,7 @@ use super::generate::{generate_with, Sampling};
 use super::tokenizer::Tokenizer;
 use crate::ir::Graph;
 use crate::runtime::cpu::decode::DecodeSession;
+use crate::runtime::ComputeDType;
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -110,12 +111,13 @@ pub fn passkey_retrieval(
     lengths: &[usize],
     trials: usize,
     seed: u64,
+    compute: ComputeDType,
     mut progress: impl FnMut(&PasskeyResult),
 ) -> Result<Vec<PasskeyResult>> {
     if trials == 0 {
         return Err(Error::invalid("--trials must be at least 1"));
     }
-    let mut session = DecodeSession::new(graph)?;
+    let mut session = DecodeSession::with_compute_dtype(graph, compute)?;
     let mut rng = SplitMix64::new(seed);
     let mut results = Vec::with_capacity(lengths.len());
     for &length in lengths {

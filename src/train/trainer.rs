@@ -51,8 +51,8 @@ pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
         .as_deref()
         .ok_or_else(|| Error::invalid("no model given"))?;
     let mut graph = crate::model::load(model)?;
-    if !graph.g.node_weights().any(|n| n.op.is_llama_level()) {
-        Pipeline::from_names("raise")?.run(&mut graph, &RunOptions::default(), |_, _| {})?;
+    if let Some(report) = crate::passes::ensure_llama_level(&mut graph, "run-train")? {
+        eprintln!("{}", report.summary_line());
     }
     let mut pipeline = match (&cfg.pipeline, &cfg.passes) {
         (Some(p), _) => Some(Pipeline::recipe(p)?),
@@ -235,7 +235,7 @@ impl Trainer {
                 "no weight is trainable: add lora and/or trainable passes (e.g. --pipeline longlora-train, or --passes trainable --set 'trainable.patterns=[\"*\"]' for full fine-tuning)",
             ));
         }
-        let session = Session::new(train_graph, cfg.threads)?;
+        let session = Session::for_training(train_graph, cfg.threads, cfg.compute_dtype.compute())?;
         let mut sizes = Vec::with_capacity(info.grads.len());
         for (w, _) in &info.grads {
             let t = session
@@ -524,7 +524,11 @@ impl Trainer {
         }
         if self.valid_session.is_none() {
             let g = loss_graph(&self.forward, self.cfg.ignore_index)?;
-            self.valid_session = Some(Session::new(g, self.cfg.threads)?);
+            self.valid_session = Some(Session::for_training(
+                g,
+                self.cfg.threads,
+                self.cfg.compute_dtype.compute(),
+            )?);
         }
         let names: Vec<String> = self.info.grads.iter().map(|(w, _)| w.clone()).collect();
         let vs = self.valid_session.as_mut().expect("built above");

@@ -244,8 +244,15 @@ fn tiny_training_graph(extra: &str) -> Graph {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/hf");
     let mut g = crate::hf::load(&dir).unwrap();
     let p = Pipeline::from_names(&format!("lora,trainable{extra}")).unwrap();
-    p.run(&mut g, &RunOptions { verify: true }, |_, _| {})
-        .unwrap();
+    p.run(
+        &mut g,
+        &RunOptions {
+            verify: true,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap();
     let mut rng = SplitMix64::new(42);
     to_f64(&mut g, &mut rng);
     g
@@ -381,7 +388,14 @@ fn the_pass_runs_from_the_registry() {
     let mut g = crate::hf::load(&dir).unwrap();
     let p = Pipeline::from_names("lora,trainable,autodiff").unwrap();
     let reports = p
-        .run(&mut g, &RunOptions { verify: true }, |_, _| {})
+        .run(
+            &mut g,
+            &RunOptions {
+                verify: true,
+                ..Default::default()
+            },
+            |_, _| {},
+        )
         .unwrap();
     let r = reports.last().unwrap();
     assert_eq!(r.pass, "autodiff");

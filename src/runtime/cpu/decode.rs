@@ -18,7 +18,7 @@
 //! `original_max_position_embeddings` the result differs from one full
 //! forward (it matches it for every other scaling).
 
-use super::{layout, nn, run_kernel};
+use super::{layout, nn, run_kernel, ComputeDType};
 use crate::ir::{AttentionPattern, Graph, NodeIndex, Op, Tensor, TensorData, Value};
 use crate::runtime::schedule::{Schedule, LIVE_TO_END};
 use crate::{Error, Result};
@@ -80,8 +80,13 @@ pub struct DecodeSession<'g> {
 
 impl<'g> DecodeSession<'g> {
     /// Checks that `graph` can be decoded token by token and decodes its
-    /// weights.
+    /// weights, to compute in f32.
     pub fn new(graph: &'g Graph) -> Result<Self> {
+        Self::with_compute_dtype(graph, ComputeDType::F32)
+    }
+
+    /// The same, computing in `compute`.
+    pub fn with_compute_dtype(graph: &'g Graph, compute: ComputeDType) -> Result<Self> {
         if graph.inputs.len() != 1 {
             let names: Vec<&str> = graph
                 .inputs
@@ -129,7 +134,8 @@ impl<'g> DecodeSession<'g> {
                             let w = graph.weights.get(name).ok_or_else(|| {
                                 fail(format!("weight '{name}' is not in the graph's weight store"))
                             })?;
-                            let t = Arc::new(w.to_tensor().map_err(|e| fail(e.to_string()))?);
+                            let t =
+                                Arc::new(compute.decode(w).map_err(|e| fail(e.to_string()))?);
                             by_name.insert(name.as_str(), t.clone());
                             t
                         }

@@ -1,7 +1,14 @@
 //! The CPU backend: the reference executor. It runs the nodes in schedule
-//! order, computing in f32 (weights stored as f16/bf16 are decoded when
-//! first read), multithreaded with rayon, and frees every value as soon as
-//! its last reader has run.
+//! order, multithreaded with rayon, and frees every value as soon as its
+//! last reader has run.
+//!
+//! It computes in f32 whatever dtype the weights are stored in: f16/bf16
+//! weights are widened when decoded (exactly), so activations and
+//! accumulations are f32 and a bf16 checkpoint gives what transformers gives
+//! when it loads that checkpoint with `dtype=torch.float32`. A compute dtype
+//! of bf16 or f16 ([`CpuBackend::with_compute_dtype`]) instead rounds the
+//! weights to it and every activation after each op, as a bf16 forward
+//! does.
 //!
 //! Values are held as `Arc<Tensor>`: `Identity` (and a no-op `Cast`) pass
 //! their input through without a copy, and a kernel whose input dies at
@@ -21,7 +28,7 @@ pub mod vmath;
 
 use super::schedule::Schedule;
 use super::Backend;
-use crate::ir::{Graph, Op, Tensor, TensorData, Value};
+use crate::ir::{DType, Graph, Op, Tensor, TensorData, Value, Weight};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -31,6 +38,66 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend {
     threads: Option<usize>,
+    compute: ComputeDType,
+}
+
+/// The dtype activations are computed (and outputs returned) in: f32 by
+/// default; bf16 or f16 to reproduce a half-precision forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ComputeDType(DType);
+
+impl Default for ComputeDType {
+    fn default() -> Self {
+        ComputeDType::F32
+    }
+}
+
+impl ComputeDType {
+    pub const F32: ComputeDType = ComputeDType(DType::F32);
+
+    /// f32, bf16 or f16.
+    pub fn new(dtype: DType) -> Result<ComputeDType> {
+        match dtype {
+            DType::F32 | DType::BF16 | DType::F16 => Ok(ComputeDType(dtype)),
+            other => Err(Error::invalid(format!(
+                "compute dtype {other}: expected f32, bf16 or f16"
+            ))),
+        }
+    }
+
+    /// `f32`, `bf16`, `f16` (and the long names `float32`, `bfloat16`, `float16`).
+    pub fn parse(text: &str) -> Result<ComputeDType> {
+        match text {
+            "f32" | "float32" => Ok(ComputeDType(DType::F32)),
+            "bf16" | "bfloat16" => Ok(ComputeDType(DType::BF16)),
+            "f16" | "float16" => Ok(ComputeDType(DType::F16)),
+            other => Err(Error::invalid(format!(
+                "compute dtype '{other}': expected f32, bf16 or f16"
+            ))),
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        self.0
+    }
+
+    /// A floating weight decoded for computing in this dtype: widened to f32
+    /// (exact), or rounded to bf16/f16. Other dtypes are left as they are.
+    pub fn decode(self, w: &Weight) -> Result<Tensor> {
+        let mut t = w.to_tensor()?;
+        self.adopt(&mut t);
+        Ok(t)
+    }
+
+    /// Brings a decoded floating tensor to this dtype (see [`Self::decode`]).
+    pub fn adopt(self, t: &mut Tensor) {
+        if let TensorData::F32(v) = &mut t.data {
+            if matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) && t.dtype != self.0 {
+                layout::round_to_storage(self.0, v);
+                t.dtype = self.0;
+            }
+        }
+    }
 }
 
 /// What a run did with memory, for tests and `--explain`-style reports.
@@ -57,14 +124,20 @@ pub struct RunStats {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend { threads: None }
+        CpuBackend::default()
     }
 
     /// A backend that runs in its own pool of `threads` threads.
     pub fn with_threads(threads: usize) -> Self {
         CpuBackend {
             threads: Some(threads.max(1)),
+            ..Default::default()
         }
+    }
+
+    /// The same backend computing in `compute` (f32 by default).
+    pub fn with_compute_dtype(self, compute: ComputeDType) -> Self {
+        CpuBackend { compute, ..self }
     }
 
     /// Runs the graph and reports memory statistics.
@@ -73,14 +146,15 @@ impl CpuBackend {
         graph: &Graph,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<(HashMap<String, Tensor>, RunStats)> {
+        let compute = self.compute;
         match self.threads {
-            None => execute(graph, inputs),
+            None => execute(graph, inputs, compute),
             Some(n) => {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(n)
                     .build()
                     .map_err(|e| Error::invalid(format!("cannot start {n} CPU threads: {e}")))?;
-                pool.install(|| execute(graph, inputs))
+                pool.install(|| execute(graph, inputs, compute))
             }
         }
     }
@@ -132,13 +206,49 @@ pub struct Session {
 }
 
 impl Session {
-    /// Prepares `graph`; `threads: None` uses rayon's global pool.
+    /// Prepares `graph` to compute in f32; `threads: None` uses rayon's
+    /// global pool.
     pub fn new(graph: Graph, threads: Option<usize>) -> Result<Session> {
+        Session::with_compute_dtype(graph, threads, ComputeDType::F32)
+    }
+
+    /// Prepares `graph` to compute in `compute`: every floating weight is
+    /// decoded in that dtype.
+    pub fn with_compute_dtype(
+        graph: Graph,
+        threads: Option<usize>,
+        compute: ComputeDType,
+    ) -> Result<Session> {
+        Session::build(graph, threads, compute, false)
+    }
+
+    /// Prepares a training graph: frozen weights are decoded in `compute`,
+    /// trainable ones stay as they are (the f32 masters the optimizer
+    /// updates in place).
+    pub fn for_training(
+        graph: Graph,
+        threads: Option<usize>,
+        compute: ComputeDType,
+    ) -> Result<Session> {
+        Session::build(graph, threads, compute, true)
+    }
+
+    fn build(
+        graph: Graph,
+        threads: Option<usize>,
+        compute: ComputeDType,
+        keep_trainable: bool,
+    ) -> Result<Session> {
         crate::ir::verify(&graph)?;
         let sched = Schedule::new(&graph)?;
         let mut weights = HashMap::new();
         for w in graph.weights.iter() {
-            weights.insert(w.name.clone(), Arc::new(w.to_tensor()?));
+            let t = if keep_trainable && w.trainable {
+                w.to_tensor()?
+            } else {
+                compute.decode(w)?
+            };
+            weights.insert(w.name.clone(), Arc::new(t));
         }
         let pool = match threads {
             None => None,
@@ -179,7 +289,12 @@ impl Session {
             let (before_reused, before_alloc) = (buffers.reused, buffers.allocated);
             let result = {
                 let _on = pool::activate(&mut buffers);
-                execute_with(&self.graph, &self.sched, inputs, Some(&self.weights))
+                execute_with(
+                    &self.graph,
+                    &self.sched,
+                    inputs,
+                    Resident::Session(&self.weights),
+                )
             };
             result.map(|(out, mut stats)| {
                 stats.buffers_reused = buffers.reused - before_reused;
@@ -430,9 +545,18 @@ fn recycle(t: Arc<Tensor>) {
 fn execute(
     graph: &Graph,
     inputs: &HashMap<String, Tensor>,
+    compute: ComputeDType,
 ) -> Result<(HashMap<String, Tensor>, RunStats)> {
     let sched = Schedule::new(graph)?;
-    execute_with(graph, &sched, inputs, None)
+    execute_with(graph, &sched, inputs, Resident::Decode(compute))
+}
+
+/// Where a run's weights come from.
+enum Resident<'a> {
+    /// A [`Session`]'s, decoded once.
+    Session(&'a HashMap<String, Arc<Tensor>>),
+    /// Decoded from the store when first read, for computing in this dtype.
+    Decode(ComputeDType),
 }
 
 /// Runs `graph` in the order of `sched`. With `resident`, weights are read
@@ -442,8 +566,12 @@ fn execute_with(
     graph: &Graph,
     sched: &Schedule,
     inputs: &HashMap<String, Tensor>,
-    resident: Option<&HashMap<String, Arc<Tensor>>>,
+    weights: Resident,
 ) -> Result<(HashMap<String, Tensor>, RunStats)> {
+    let (resident, compute) = match weights {
+        Resident::Session(r) => (Some(r), ComputeDType::F32),
+        Resident::Decode(c) => (None, c),
+    };
     validate_inputs(graph, inputs)?;
     let mut values = Values::new(petgraph::visit::NodeIndexable::node_bound(&graph.g));
 
@@ -502,7 +630,7 @@ fn execute_with(
                                 "weight '{name}' is not in the graph's weight store"
                             ))
                         })?;
-                        let t = Arc::new(w.to_tensor().map_err(|e| fail(e.to_string()))?);
+                        let t = Arc::new(compute.decode(w).map_err(|e| fail(e.to_string()))?);
                         values.stats.weights_decoded += 1;
                         t
                     }
