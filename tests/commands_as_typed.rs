@@ -252,8 +252,7 @@ fn run_losses(model: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<f64> 
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-        .flatten()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
         .collect()
 }
 
@@ -303,6 +302,7 @@ fn run_train_on_torch_exports_trains_like_the_hf_dir() {
             &dir.path().join(name),
             &["--set", "pi.original_max_position_embeddings=256"],
         );
+        assert_eq!(got.len(), want.len(), "{name}");
         for (g, w) in got.iter().zip(&want) {
             assert!(
                 ((g - w) / w).abs() < 1e-4,
@@ -566,4 +566,30 @@ fn merge_run_is_the_release_step() {
         ],
         &["run.yaml"],
     );
+}
+
+#[test]
+fn a_block_raise_cannot_match_is_named_by_layer_and_part() {
+    use lcc::ir::{Op, UnaryOp};
+    for name in EXPORTS {
+        let mut g = lcc::model::load(&tiny().join(name)).unwrap();
+        // The second layer's SiLU becomes something else: its MLP no longer
+        // reads as SwiGLU.
+        let sigmoids: Vec<_> = g
+            .topo_order()
+            .unwrap()
+            .into_iter()
+            .filter(|&n| g.node(n).op == Op::Unary(UnaryOp::Sigmoid))
+            .collect();
+        assert_eq!(sigmoids.len(), 2, "{name}");
+        g.node_mut(sigmoids[1]).op = Op::Unary(UnaryOp::Exp);
+        let e = lcc::passes::ensure_llama_level(&mut g, "pass 'pi'")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer 1") && e.contains("MLP") && e.contains("pass 'pi'"),
+            "{name}: {e}"
+        );
+        assert!(!e.contains("no LLaMA-level Rope"), "{e}");
+    }
 }

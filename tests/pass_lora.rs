@@ -55,6 +55,22 @@ fn run_err(graph: &mut Graph, recipe: &str) -> String {
     .to_string()
 }
 
+/// Runs `recipe` without raising on demand (`--no-raise`).
+fn run_no_raise(graph: &mut Graph, recipe: &str) -> String {
+    Pipeline::from_yaml_str(recipe, Path::new("test.yaml"))
+        .unwrap()
+        .run(
+            graph,
+            &RunOptions {
+                verify: true,
+                no_raise: true,
+            },
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn adapter_logits_match_peft() {
     let mut g = tiny_graph();
@@ -379,12 +395,16 @@ fn errors_name_what_is_wrong() {
     );
 
     // A model without LLaMA-level projections (a raw torch ONNX export).
+    // A torch export: raised on demand, or refused with --no-raise.
     let mut onnx = lcc::onnx::load(&tiny().join("tiny_opset17_torchscript.onnx")).unwrap();
-    let e = run_err(&mut onnx, "passes: [lora]");
+    let e = run_no_raise(&mut onnx.clone(), "passes: [lora]");
     assert!(
-        e.contains("target 'q' (self_attn.q_proj) matches no projection"),
+        e.contains("pass 'lora'") && e.contains("primitive ONNX") && e.contains("'raise'"),
         "{e}"
     );
+    let reports = run_passes(&mut onnx, "passes: [lora]");
+    assert!(reports[0].automatic && reports[0].pass == "raise");
+    assert_eq!(reports[1].matched, 8);
 
     let tmp = tempfile::tempdir().unwrap();
     let e = load_adapter(tmp.path()).unwrap_err().to_string();

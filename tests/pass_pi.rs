@@ -16,6 +16,7 @@ use lcc::passes::{Pipeline, Report, RunOptions};
 use lcc::runtime::{cpu::CpuBackend, Backend};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::path::Path;
 
 const TOL: f64 = 1e-4;
 
@@ -37,7 +38,7 @@ fn run_pi(graph: &mut Graph, sets: &[&str]) -> lcc::Result<Report> {
         },
         |_, _| {},
     )?;
-    Ok(reports.remove(0))
+    Ok(reports.pop().expect("pi ran"))
 }
 
 fn rope_scalings(g: &Graph) -> Vec<RopeScaling> {
@@ -298,12 +299,33 @@ fn onnx_export_of_the_rewritten_model_matches_lcc_in_onnxruntime() {
 #[test]
 fn errors_say_what_to_do() {
     // A torch export, not raised: RoPE is primitives.
+    // With --no-raise it is refused; by default raised on demand.
     let mut g = lcc::onnx::load(&tiny().join(EXPORTS[0])).unwrap();
-    let e = run_pi(&mut g, &["factor=4"]).unwrap_err().to_string();
+    let e = Pipeline::from_yaml_str("passes: [pi: {factor: 4}]", Path::new("t.yaml"))
+        .unwrap()
+        .run(
+            &mut g.clone(),
+            &RunOptions {
+                verify: true,
+                no_raise: true,
+            },
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.contains("pass 'pi'") && e.contains("no LLaMA-level Rope") && e.contains("'raise'"),
+        e.contains("pass 'pi'") && e.contains("primitive ONNX") && e.contains("'raise'"),
         "{e}"
     );
+    let r = run_pi(&mut g, &["factor=4"]).unwrap();
+    assert_eq!(r.matched, 4);
+    let e = run_pi(
+        &mut lcc::onnx::load(&tiny().join(EXPORTS[0])).unwrap(),
+        &["target_len=1024"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("pi.original_max_position_embeddings"), "{e}");
 
     let mut g = load_tiny();
     for (sets, want) in [
@@ -347,7 +369,8 @@ fn errors_say_what_to_do() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("original context length") && e.contains("original_max_position_embeddings"),
+        e.contains("original (pretraining) context length")
+            && e.contains("pi.original_max_position_embeddings"),
         "{e}"
     );
     // …but an explicit factor, or an explicit original length, does.

@@ -186,12 +186,26 @@ fn option_and_graph_errors_say_what_to_do() {
     );
 
     // A primitive ONNX graph has no LLaMA-level Attention yet.
+    // (raised on demand; with --no-raise, refused).
     let mut onnx = lcc::onnx::load(&tiny().join(EXPORTS[0])).unwrap();
-    let e = try_apply(&mut onnx, "{}").unwrap_err().to_string();
+    let e = Pipeline::from_yaml_str("passes: [s2attn]", Path::new("t.yaml"))
+        .unwrap()
+        .run(
+            &mut onnx.clone(),
+            &RunOptions {
+                verify: true,
+                no_raise: true,
+            },
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.contains("no LLaMA-level Attention") && e.contains("raise"),
+        e.contains("pass 's2attn'") && e.contains("primitive ONNX") && e.contains("raise"),
         "{e}"
     );
+    let reports = try_apply(&mut onnx, "{}").unwrap();
+    assert!(reports[0].automatic && reports[1].matched == 2);
 
     // Odd head counts cannot be split in halves.
     let mut odd = one_attention_graph(3, 1, 4);
