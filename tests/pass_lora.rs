@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixtures, max_abs_diff, read, tiny};
+use common::{fixtures, max_abs_diff, read, run_no_raise, tiny};
 use lcc::hf::peft::{self, load_adapter, load_trainable, save_adapter};
 use lcc::ir::{print, Graph, Op, Tensor};
 use lcc::passes::{Pipeline, Report, RunOptions};
@@ -53,22 +53,6 @@ fn run_err(graph: &mut Graph, recipe: &str) -> String {
     )
     .unwrap_err()
     .to_string()
-}
-
-/// Runs `recipe` without raising on demand (`--no-raise`).
-fn run_no_raise(graph: &mut Graph, recipe: &str) -> String {
-    Pipeline::from_yaml_str(recipe, Path::new("test.yaml"))
-        .unwrap()
-        .run(
-            graph,
-            &RunOptions {
-                verify: true,
-                no_raise: true,
-            },
-            |_, _| {},
-        )
-        .unwrap_err()
-        .to_string()
 }
 
 #[test]

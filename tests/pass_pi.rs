@@ -16,7 +16,6 @@ use lcc::passes::{Pipeline, Report, RunOptions};
 use lcc::runtime::{cpu::CpuBackend, Backend};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
 
 const TOL: f64 = 1e-4;
 
@@ -301,18 +300,7 @@ fn errors_say_what_to_do() {
     // A torch export, not raised: RoPE is primitives.
     // With --no-raise it is refused; by default raised on demand.
     let mut g = lcc::onnx::load(&tiny().join(EXPORTS[0])).unwrap();
-    let e = Pipeline::from_yaml_str("passes: [pi: {factor: 4}]", Path::new("t.yaml"))
-        .unwrap()
-        .run(
-            &mut g.clone(),
-            &RunOptions {
-                verify: true,
-                no_raise: true,
-            },
-            |_, _| {},
-        )
-        .unwrap_err()
-        .to_string();
+    let e = run_no_raise(&mut g.clone(), "passes: [pi: {factor: 4}]");
     assert!(
         e.contains("pass 'pi'") && e.contains("primitive ONNX") && e.contains("'raise'"),
         "{e}"

@@ -188,18 +188,7 @@ fn option_and_graph_errors_say_what_to_do() {
     // A primitive ONNX graph has no LLaMA-level Attention yet.
     // (raised on demand; with --no-raise, refused).
     let mut onnx = lcc::onnx::load(&tiny().join(EXPORTS[0])).unwrap();
-    let e = Pipeline::from_yaml_str("passes: [s2attn]", Path::new("t.yaml"))
-        .unwrap()
-        .run(
-            &mut onnx.clone(),
-            &RunOptions {
-                verify: true,
-                no_raise: true,
-            },
-            |_, _| {},
-        )
-        .unwrap_err()
-        .to_string();
+    let e = run_no_raise(&mut onnx.clone(), "passes: [s2attn]");
     assert!(
         e.contains("pass 's2attn'") && e.contains("primitive ONNX") && e.contains("raise"),
         "{e}"

@@ -86,3 +86,20 @@ pub fn check_with_onnxruntime(py: &Path, model: &Path, inputs: &Path, expected: 
     );
     eprintln!("{}", text.trim());
 }
+
+/// Runs a YAML pipeline `recipe` without raising on demand (`--no-raise`)
+/// and returns its error.
+pub fn run_no_raise(graph: &mut lcc::ir::Graph, recipe: &str) -> String {
+    lcc::passes::Pipeline::from_yaml_str(recipe, Path::new("test.yaml"))
+        .unwrap()
+        .run(
+            graph,
+            &lcc::passes::RunOptions {
+                verify: true,
+                no_raise: true,
+            },
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string()
+}
