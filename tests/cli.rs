@@ -3,22 +3,6 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Output};
-
-fn lcc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lcc"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 const TINY_PARAMS: u64 =
     2 * 256 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64;

@@ -11,22 +11,7 @@ use lcc::ir::{DType, Graph, Tensor, Weight};
 use lcc::runtime::{Backend, ComputeDType, CpuBackend};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lcc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lcc"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use std::process::Output;
 
 fn ok(args: &[&str]) -> Output {
     let o = lcc(args);
@@ -46,6 +31,22 @@ fn fails_with(args: &[&str], needles: &[&str]) {
             args.join(" ")
         );
     }
+}
+
+/// `lcc rewrite MODEL --passes PASSES --set S… -o OUT` as an argument list.
+fn rewrite_args(model: &str, passes: &str, sets: &[&str], out: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["rewrite", model, "--passes", passes]
+        .map(String::from)
+        .to_vec();
+    for set in sets {
+        args.extend(["--set".into(), set.to_string()]);
+    }
+    args.extend(["-o".into(), out.into()]);
+    args
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 fn export(name: &str) -> String {
@@ -148,16 +149,7 @@ fn scaled_torch_exports_match_transformers() {
     for name in EXPORTS {
         for (case, sets, seqs) in cases {
             let out = dir.path().join(format!("{name}.{case}.onnx"));
-            let mut args = vec!["rewrite", &export(name), "--passes", "pi"]
-                .into_iter()
-                .map(String::from)
-                .collect::<Vec<_>>();
-            for set in sets {
-                args.push("--set".into());
-                args.push(set.to_string());
-            }
-            args.extend(["-o".into(), s(&out).into()]);
-            ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            ok(&strs(&rewrite_args(&export(name), "pi", sets, s(&out))));
             let g = lcc::model::load(&out).unwrap();
             for &seq in seqs {
                 let want = read(&rope(&format!("logits_{case}_s{seq}.safetensors")));
@@ -323,17 +315,8 @@ fn a_context_the_model_does_not_record_is_never_guessed() {
             &["pi.scaling=dynamic", "pi.factor=4"],
             &["pi.target_len=1024"],
         ] {
-            let mut args = vec!["rewrite", &export(name), "--passes", "raise,pi"]
-                .into_iter()
-                .map(String::from)
-                .collect::<Vec<_>>();
-            for set in sets {
-                args.push("--set".into());
-                args.push(set.to_string());
-            }
-            args.extend(["-o".into(), out.clone()]);
             fails_with(
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                &strs(&rewrite_args(&export(name), "raise,pi", sets, &out)),
                 &["pass 'pi'", "pi.original_max_position_embeddings"],
             );
         }

@@ -7,22 +7,6 @@ use common::*;
 use lcc::ir::{Tensor, Weight};
 use lcc::train::{eval, passkey, tokenizer::Tokenizer};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lcc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lcc"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn tiny_hf() -> PathBuf {
     tiny().join("hf")

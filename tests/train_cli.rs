@@ -5,22 +5,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lcc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lcc"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use std::process::Command;
 
 /// A few KB of public-domain text (the shared corpus when present, else a
 /// generated text), written into `dir`.

@@ -4,7 +4,7 @@
 use lcc::ir::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -102,4 +102,25 @@ pub fn run_no_raise(graph: &mut lcc::ir::Graph, recipe: &str) -> String {
         )
         .unwrap_err()
         .to_string()
+}
+
+/// Runs the `lcc` binary with `args`.
+pub fn lcc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lcc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Both streams, labelled, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o))
 }
