@@ -54,11 +54,11 @@ impl Trainable {
 /// no part (a Linear whose role the names do not tell).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Flops {
-    pub projections: u64,
-    pub mlp: u64,
-    pub attention: u64,
-    pub lm_head: u64,
-    pub total: u64,
+    pub projections: u128,
+    pub mlp: u128,
+    pub attention: u128,
+    pub lm_head: u128,
+    pub total: u128,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,18 +85,20 @@ fn role_of(name: &str) -> Option<Role> {
 
 /// Sum of the squared sizes of consecutive groups of `group` tokens over
 /// `len` tokens, the last one shorter when `group` does not divide `len`.
-fn grouped_area(len: u64, group: u64) -> u64 {
+fn grouped_area(len: u128, group: u128) -> u128 {
     let (full, rest) = (len / group, len % group);
     full * group * group + rest * rest
 }
 
 /// Query-key pairs one head of each kind computes, summed over the heads.
-fn attention_pairs(at: &AttentionAttrs, seq_len: u64) -> u64 {
-    let heads = at.num_heads as u64;
+fn attention_pairs(at: &AttentionAttrs, seq_len: u128) -> u128 {
+    let heads = at.num_heads as u128;
     match &at.pattern {
         AttentionPattern::FullCausal => heads * seq_len * seq_len,
         AttentionPattern::ShiftedSparse { group, wrap } => {
-            let g = (group.tokens(seq_len as usize) as u64).min(seq_len).max(1);
+            let g = (group.tokens(usize::try_from(seq_len).unwrap_or(usize::MAX)) as u128)
+                .min(seq_len)
+                .max(1);
             let shifted_heads = heads / 2;
             let plain = grouped_area(seq_len, g);
             let shifted = if *wrap {
@@ -113,8 +115,8 @@ fn attention_pairs(at: &AttentionAttrs, seq_len: u64) -> u64 {
 
 struct Counter<'a> {
     graph: &'a Graph,
-    seq_len: u64,
-    batch: u64,
+    seq_len: u128,
+    batch: u128,
 }
 
 impl Counter<'_> {
@@ -127,13 +129,13 @@ impl Counter<'_> {
     }
 
     /// A fixed 2-D weight-like shape read from a value's type.
-    fn matrix(&self, n: NodeIndex, v: Option<Value>, what: &str) -> Result<(u64, u64)> {
+    fn matrix(&self, n: NodeIndex, v: Option<Value>, what: &str) -> Result<(u128, u128)> {
         let dims = v
             .and_then(|v| self.graph.value_type(v))
             .and_then(|t| t.shape.as_ref())
             .ok_or_else(|| self.fail(n, format!("the type of {what} is unknown")))?;
         match dims.as_slice() {
-            [Dim::Fixed(a), Dim::Fixed(b)] => Ok((*a, *b)),
+            [Dim::Fixed(a), Dim::Fixed(b)] => Ok((*a as u128, *b as u128)),
             other => Err(self.fail(
                 n,
                 format!("{what} must be a fixed 2-D matrix, its type has dims {other:?}"),
@@ -143,7 +145,7 @@ impl Counter<'_> {
 
     /// Rows of an activation: every dim but the last, with symbolic dims read
     /// as the batch (`batch…`) or the sequence (anything else).
-    fn tokens(&self, x: Option<Value>) -> u64 {
+    fn tokens(&self, x: Option<Value>) -> u128 {
         let dims = x
             .and_then(|v| self.graph.value_type(v))
             .and_then(|t| t.shape.as_ref());
@@ -151,7 +153,7 @@ impl Counter<'_> {
             Some(d) if !d.is_empty() => d[..d.len() - 1]
                 .iter()
                 .map(|d| match d {
-                    Dim::Fixed(n) => *n,
+                    Dim::Fixed(n) => *n as u128,
                     Dim::Sym(s) if s.contains("batch") => self.batch,
                     Dim::Sym(_) => self.seq_len,
                 })
@@ -183,8 +185,8 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
     }
     let c = Counter {
         graph,
-        seq_len: seq_len as u64,
-        batch: batch as u64,
+        seq_len: seq_len as u128,
+        batch: batch as u128,
     };
     let mut flops = Flops::default();
     let mut lora_weights: HashSet<&str> = HashSet::new();
@@ -230,7 +232,7 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
                 (c.role(n, at(1)), 2 * c.tokens(at(0)) * inp * out)
             }
             Op::Attention(attrs) => {
-                let f = 2 * 2 * c.batch * attention_pairs(attrs, c.seq_len) * attrs.head_dim as u64;
+                let f = 2 * 2 * c.batch * attention_pairs(attrs, c.seq_len) * attrs.head_dim as u128;
                 flops.attention += f;
                 flops.total += f;
                 continue;
@@ -279,7 +281,7 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
 }
 
 /// FLOPs with an SI prefix (`1.23 TFLOPs`).
-fn si(flops: u64) -> String {
+fn si(flops: u128) -> String {
     let units = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")];
     let x = flops as f64;
     for (scale, p) in units {
@@ -290,7 +292,7 @@ fn si(flops: u64) -> String {
     format!("{flops} FLOPs")
 }
 
-fn percent(part: u64, whole: u64) -> String {
+fn percent(part: u128, whole: u128) -> String {
     if whole == 0 {
         "-".into()
     } else {
@@ -314,7 +316,7 @@ impl fmt::Display for Cost {
                 f,
                 "  {name:<20} {:>17}  {:>6}",
                 group_digits(n),
-                percent(n, of)
+                percent(n.into(), of.into())
             )
         };
         row(f, "total", p.total, p.total)?;
@@ -325,11 +327,11 @@ impl fmt::Display for Cost {
         row(f, "  other", t.other, p.total)?;
         let fl = &self.flops_forward;
         writeln!(f, "forward FLOPs")?;
-        let frow = |f: &mut fmt::Formatter<'_>, name: &str, n: u64| {
+        let frow = |f: &mut fmt::Formatter<'_>, name: &str, n: u128| {
             writeln!(
                 f,
                 "  {name:<20} {:>25}  {:>14}  {:>6}",
-                group_digits(n),
+                crate::util::group_digits_u128(n),
                 si(n),
                 percent(n, fl.total)
             )

@@ -457,9 +457,19 @@ struct RunTrainArgs {
     /// Output directory.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue from the newest checkpoint in --out.
+    /// Continue the run in --out from its newest intact checkpoint. The
+    /// options that shape the run (model, pipeline, data, sequence length,
+    /// batch, optimizer, seed, …) must be the run's own.
     #[arg(long)]
     resume: bool,
+    /// With --resume: continue from this checkpoint (step-N) instead; newer
+    /// ones are moved aside (kept, hidden).
+    #[arg(long, value_name = "step-N", requires = "resume")]
+    resume_from: Option<String>,
+    /// Replace the run already in --out (its checkpoints, metrics and
+    /// outputs; other files stay).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// dtype of a fully fine-tuned model in OUT/model: f32, bf16, f16
     /// [default: the base model's].
     #[arg(long)]
@@ -934,6 +944,7 @@ impl RunTrainArgs {
             && self.seq_len.is_none()
             && self.steps.is_none()
             && !self.resume
+            && !self.overwrite
     }
 
     /// Defaults, then `--config`, then the command line.
@@ -999,6 +1010,12 @@ impl RunTrainArgs {
         }
         if self.resume {
             c.resume = true;
+        }
+        if self.resume_from.is_some() {
+            c.resume_from = self.resume_from;
+        }
+        if self.overwrite {
+            c.overwrite = true;
         }
         if let Some(s) = self.schedule {
             c.schedule = match s.as_str() {
@@ -1141,9 +1158,7 @@ fn bench(
 /// export, with the adapter and trainable params applied; and its tokenizer.
 fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
     if let Some(n) = args.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
+        lcc::util::check_threads(n)?;
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -1205,7 +1220,8 @@ fn vocab_size(graph: &ir::Graph) -> Option<usize> {
 
 /// `eos_token_id` from a Hugging Face config.json (the first of a list).
 fn config_eos(dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let text =
+        lcc::util::read_text_capped(&dir.join("config.json"), lcc::util::MAX_TEXT_BYTES).ok()?;
     let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
     let eos = cfg.get("eos_token_id")?;
     let id = eos.as_u64().or_else(|| eos.as_array()?.first()?.as_u64())?;

@@ -1,7 +1,79 @@
-//! Small formatting helpers shared by reports.
+//! Small helpers shared across the crate: formatting for reports, and
+//! reading input files with bounds.
+
+use crate::{Error, Result};
+use std::path::Path;
+
+/// The largest small text file lcc reads whole (YAML configs, JSON configs
+/// and indexes, checkpoint states): real ones are a few KiB.
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// The most worker threads lcc starts: a few per core (more only queue
+/// behind each other, and a mistyped count would spend minutes starting
+/// threads).
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
+}
+
+/// Checks a `--threads` value: at least 1, at most [`max_threads`].
+pub fn check_threads(n: usize) -> Result<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if n == 0 || n > max_threads() {
+        return Err(Error::invalid(format!(
+            "--threads {n}: use 1 to {} (this machine has {cores} cores)",
+            max_threads()
+        )));
+    }
+    Ok(n)
+}
+
+/// Refuses anything but a regular file (after following links): opening a
+/// FIFO blocks until a writer comes, and a device has no end.
+pub fn check_regular_file(path: &Path) -> Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "a FIFO, device or socket"
+        };
+        return Err(Error::format(
+            path,
+            format!("is {what}, not a regular file; lcc reads regular files only"),
+        ));
+    }
+    Ok(meta)
+}
+
+/// Reads a regular file of at most `max` bytes as bytes.
+pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let meta = check_regular_file(path)?;
+    if meta.len() > max {
+        return Err(Error::format(
+            path,
+            format!(
+                "{} bytes is more than this kind of file can hold (at most {})",
+                meta.len(),
+                human_bytes(max)
+            ),
+        ));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a regular UTF-8 text file of at most `max` bytes.
+pub fn read_text_capped(path: &Path, max: u64) -> Result<String> {
+    String::from_utf8(read_capped(path, max)?)
+        .map_err(|_| Error::format(path, "is not UTF-8 text"))
+}
 
 /// `1234567` → `1,234,567`.
 pub fn group_digits(n: u64) -> String {
+    group_digits_u128(n.into())
+}
+
+/// [`group_digits`] for counts that may pass `u64` (FLOPs at long lengths).
+pub fn group_digits_u128(n: u128) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {

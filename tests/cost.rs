@@ -23,18 +23,26 @@ fn llama_7b() -> Graph {
 }
 
 /// The paper's count for one sequence of `SEQ` tokens: 2·m·n·k per matmul.
-fn projections() -> u64 {
+fn projections() -> u128 {
+    u128::from({
     LAYERS * 4 * (2 * SEQ * HIDDEN * HIDDEN)
+    })
 }
-fn mlp() -> u64 {
+fn mlp() -> u128 {
+    u128::from({
     LAYERS * 3 * (2 * SEQ * HIDDEN * INTER)
+    })
 }
-fn full_attention() -> u64 {
+fn full_attention() -> u128 {
+    u128::from({
     // QKᵀ and PV over the whole L×L, no causal halving.
     LAYERS * 2 * (2 * HEADS * SEQ * SEQ * HEAD_DIM)
+    })
 }
-fn lm_head() -> u64 {
+fn lm_head() -> u128 {
+    u128::from({
     2 * SEQ * HIDDEN * VOCAB
+    })
 }
 
 #[test]
@@ -154,7 +162,7 @@ fn lora_r8_on_qkvo_adds_8_4m_trainable_parameters() {
     assert_eq!(c.params.trainable.other, 0);
     // The LoRA branch: 2·T·in·r + 2·T·r·out per projection.
     let branch = LAYERS * 4 * (2 * SEQ * HIDDEN * 8 + 2 * SEQ * 8 * HIDDEN);
-    assert_eq!(c.flops_forward.projections, projections() + branch);
+    assert_eq!(c.flops_forward.projections, projections() + u128::from(branch));
     assert_eq!(c.flops_forward.mlp, mlp());
 
     // LongLoRA's "+": embeddings and norms trainable too.
@@ -203,7 +211,7 @@ fn shifted_sparse_attention_at_a_quarter_costs_a_quarter() {
     let group = SEQ / 4;
     assert_eq!(
         s2.attention,
-        LAYERS * 2 * (2 * HEADS * SEQ * group * HEAD_DIM)
+        u128::from(LAYERS * 2 * (2 * HEADS * SEQ * group * HEAD_DIM))
     );
     assert_eq!(s2.projections, full.projections);
     assert_eq!(s2.total, full.total - full.attention + s2.attention);
@@ -222,7 +230,10 @@ fn shifted_sparse_attention_at_a_quarter_costs_a_quarter() {
     let per_head = |pairs: u64| 2 * 2 * pairs * HEAD_DIM;
     let plain = per_head(SEQ * group);
     let shifted = per_head(SEQ * group - group * group / 2);
-    assert_eq!(s2.attention, LAYERS * (HEADS / 2) * (plain + shifted));
+    assert_eq!(
+        s2.attention,
+        u128::from(LAYERS * (HEADS / 2) * (plain + shifted))
+    );
     assert_eq!(64 * s2.attention, 15 * full.attention);
 
     // A group that does not divide L: the last, shorter group counts exactly.
@@ -235,5 +246,17 @@ fn shifted_sparse_attention_at_a_quarter_costs_a_quarter() {
     );
     let s2 = cost(&g, SEQ as usize, 1).unwrap().flops_forward;
     let area = 4 * 1000 * 1000 + 96 * 96;
-    assert_eq!(s2.attention, LAYERS * HEADS * per_head(area));
+    assert_eq!(s2.attention, u128::from(LAYERS * HEADS * per_head(area)));
+}
+
+#[test]
+fn counts_past_u64_do_not_wrap() {
+    // At 10M tokens the attention FLOPs of a 7B model pass 2^64 (1.8e19).
+    let g = llama_7b();
+    let seq: u128 = 10_000_000;
+    let c = cost(&g, seq as usize, 1).unwrap();
+    let want = u128::from(LAYERS) * 2 * (2 * u128::from(HEADS) * seq * seq * u128::from(HEAD_DIM));
+    assert_eq!(c.flops_forward.attention, want);
+    assert!(c.flops_forward.attention > u128::from(u64::MAX));
+    assert!(c.flops_forward.lm_head < c.flops_forward.total);
 }

@@ -194,17 +194,7 @@ impl LlamaConfig {
 
     /// Reads and checks `path` (a config.json).
     pub fn from_file(path: &Path) -> Result<LlamaConfig> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(Error::format(
-                path,
-                format!(
-                    "{} bytes is too large for a config.json (at most {MAX_CONFIG_BYTES})",
-                    meta.len()
-                ),
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::util::read_text_capped(path, MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text, path)
     }
 

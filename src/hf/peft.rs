@@ -144,7 +144,7 @@ pub fn load_adapter(dir: &Path) -> Result<Adapter> {
             dir.display()
         )));
     }
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::util::read_text_capped(&cfg_path, crate::util::MAX_TEXT_BYTES)?;
     let config = parse_config(&cfg_path, &text)?;
     let weights = dir.join(ADAPTER_WEIGHTS);
     if !weights.is_file() {

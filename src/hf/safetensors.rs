@@ -470,7 +470,7 @@ pub fn load_dir_weights(dir: &Path) -> Result<Option<WeightStore>> {
     let single = dir.join(SINGLE_FILE);
     let mut store = WeightStore::new();
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let text = crate::util::read_text_capped(&index, crate::util::MAX_TEXT_BYTES)?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
         let map = json

@@ -18,6 +18,7 @@ impl MappedFile {
     /// Maps `path`. An empty file maps to an empty slice (mmap of length 0
     /// fails on Linux, so it is not mapped at all).
     pub fn open(path: &Path) -> Result<Arc<MappedFile>> {
+        crate::util::check_regular_file(path)?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only. A file truncated by another process
         // while mapped would fault; that is the documented hazard of every

@@ -69,6 +69,7 @@ pub fn load_bytes(bytes: &[u8], source: &Path) -> Result<Graph> {
 /// Reads a serialized `TensorProto` (the `.pb` files of ONNX's test data
 /// sets) into a tensor.
 pub fn read_tensor_file(path: &Path) -> Result<Tensor> {
+    crate::util::check_regular_file(path)?;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let proto = <TensorProto as prost::Message>::decode(bytes.as_slice())
         .map_err(|e| Error::format(path, format!("not a serialized ONNX TensorProto: {e}")))?;

@@ -317,7 +317,7 @@ impl Pipeline {
     }
 
     pub fn from_yaml(path: &Path) -> Result<Pipeline> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::util::read_text_capped(path, crate::util::MAX_TEXT_BYTES)?;
         Self::from_yaml_str(&text, path)
     }
 

@@ -126,7 +126,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         )));
     }
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let text = crate::util::read_capped(&state_path, crate::util::MAX_TEXT_BYTES)?;
     let state: TrainState = serde_json::from_slice(&text).map_err(|e| {
         Error::format(
             &state_path,

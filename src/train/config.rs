@@ -136,6 +136,14 @@ pub struct TrainConfig {
     pub out: Option<PathBuf>,
     /// Continue from the newest checkpoint in `out`.
     pub resume: bool,
+    /// With `resume`: continue from this checkpoint (`step-N`) instead of
+    /// the newest one. A command-line action, not written to run.yaml.
+    #[serde(skip)]
+    pub resume_from: Option<String>,
+    /// Replace the run already in `out` (its checkpoints, metrics and
+    /// outputs). A command-line action, not written to run.yaml.
+    #[serde(skip)]
+    pub overwrite: bool,
     /// Label id that is not scored.
     pub ignore_index: i64,
     /// dtype of a fully fine-tuned model written to OUT/model (default: the
@@ -182,6 +190,8 @@ impl Default for TrainConfig {
             compute_dtype: ComputeDTypeName::F32,
             out: None,
             resume: false,
+            resume_from: None,
+            overwrite: false,
             ignore_index: -100,
             save_dtype: None,
             log_every: 10,
@@ -193,8 +203,7 @@ impl TrainConfig {
     /// Reads a YAML config; unknown keys are errors (a typo must not be
     /// silently ignored).
     pub fn from_yaml(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
+        let text = crate::util::read_text_capped(path, crate::util::MAX_TEXT_BYTES)?;
         serde_saphyr::from_str(&text).map_err(|e| {
             Error::invalid(format!(
                 "{}: not a valid training config: {e}",
@@ -206,6 +215,49 @@ impl TrainConfig {
     pub fn to_yaml(&self) -> Result<String> {
         serde_saphyr::to_string(self)
             .map_err(|e| Error::invalid(format!("cannot write the config as YAML: {e}")))
+    }
+
+    /// The options a resumed run must share with the run it continues (the
+    /// checkpoint's optimizer state, loader position and trainable weights
+    /// mean nothing under others). Steps, logging, checkpointing and the
+    /// learning rate may change.
+    pub const RESUME_FIXED: &'static [&'static str] = &[
+        "model",
+        "pipeline",
+        "passes",
+        "set",
+        "data",
+        "valid_data",
+        "valid_fraction",
+        "token_bits",
+        "seq_len",
+        "batch_size",
+        "grad_accum",
+        "optimizer",
+        "seed",
+        "compute_dtype",
+        "ignore_index",
+        "init_adapter",
+        "init_trainable",
+    ];
+
+    /// The options in [`Self::RESUME_FIXED`] that differ from `previous`'s,
+    /// one line each: `option: was X, now Y`.
+    pub fn resume_differences(&self, previous: &TrainConfig) -> Vec<String> {
+        let (now, was) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(previous).unwrap_or_default(),
+        );
+        Self::RESUME_FIXED
+            .iter()
+            .filter(|k| now.get(**k) != was.get(**k))
+            .map(|k| {
+                let show = |v: Option<&serde_json::Value>| {
+                    v.map_or("(none)".to_string(), |v| v.to_string())
+                };
+                format!("{k}: was {}, now {}", show(was.get(*k)), show(now.get(*k)))
+            })
+            .collect()
     }
 
     /// Checks the values that have no sensible default and the ranges.
@@ -244,6 +296,27 @@ impl TrainConfig {
                 self.beta1, self.beta2
             ));
         }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad(format!(
+                "--eps must be positive (AdamW divides by sqrt(v) + eps), got {}",
+                self.eps
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "--weight-decay must be ≥ 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!(
+                "--momentum must lie in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if let Some(n) = self.threads {
+            crate::util::check_threads(n)?;
+        }
         if self.max_grad_norm < 0.0 || !self.max_grad_norm.is_finite() {
             return bad(format!(
                 "--max-grad-norm must be ≥ 0 (0 = off), got {}",
@@ -261,6 +334,12 @@ impl TrainConfig {
                 "token_bits must be 16 or 32 (got {})",
                 self.token_bits
             ));
+        }
+        if self.resume && self.overwrite {
+            return bad("--resume continues the run in --out and --overwrite replaces it: give one".into());
+        }
+        if self.resume_from.is_some() && !self.resume {
+            return bad("--resume-from goes with --resume".into());
         }
         if self.pipeline.is_some() && self.passes.is_some() {
             return bad("give either --pipeline or --passes, not both".into());

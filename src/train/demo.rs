@@ -60,6 +60,8 @@ pub fn demo_config(model: &Path) -> TrainConfig {
         eval_batches: 4,
         log_every: 10,
         out: Some(PathBuf::from("runs/demo")),
+        // The demo is rerun as it is: each run replaces the last.
+        overwrite: true,
         ..TrainConfig::default()
     }
 }

@@ -178,6 +178,7 @@ pub fn load_eval_tokens(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> 
         }
         return Ok(tokens);
     }
+    crate::util::check_regular_file(path)?;
     if path.extension().is_some_and(|e| e == "bin") {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         if bytes.len() % 2 != 0 {
@@ -195,6 +196,7 @@ pub fn load_eval_tokens(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> 
 }
 
 fn read_text_tokens(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    crate::util::check_regular_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     tokenizer.encode(&text)
 }

@@ -28,9 +28,9 @@ impl Sampling {
     }
 
     fn check(&self) -> Result<()> {
-        if !self.temperature.is_finite() {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::invalid(format!(
-                "temperature {} is not a number; use 0 for greedy decoding or a positive value",
+                "--temperature {} must be 0 (greedy decoding) or positive",
                 self.temperature
             )));
         }

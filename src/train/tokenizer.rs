@@ -74,6 +74,12 @@ impl Tokenizer {
         if let Some(dir) = model_dir {
             let path = dir.join("tokenizer.json");
             if path.is_file() {
+                if let Some(e) = eos.filter(|&e| e as usize >= vocab_size) {
+                    return Err(Error::invalid(format!(
+                        "eos_token_id {e} is outside the model's vocabulary ({vocab_size} tokens); fix eos_token_id in {}",
+                        dir.join("config.json").display()
+                    )));
+                }
                 let tok = Tokenizer::from_file(&path)?;
                 let tok = match eos {
                     Some(e) => tok.with_eos(e),
@@ -94,8 +100,15 @@ impl Tokenizer {
                 "the model has no tokenizer.json and its vocabulary ({vocab_size}) is too small for byte-level tokens (256)"
             )));
         }
+        if let Some(e) = eos.filter(|&e| e as usize >= vocab_size) {
+            return Err(Error::invalid(format!(
+                "eos_token_id {e} is outside the model's vocabulary ({vocab_size} tokens); fix eos_token_id in config.json"
+            )));
+        }
+        // Byte-level text with no stated end-of-document id uses 0 (NUL),
+        // which no text contains.
         Ok(Tokenizer::Bytes {
-            eos: eos.filter(|&e| e < 256).unwrap_or(0),
+            eos: eos.unwrap_or(0),
         })
     }
 

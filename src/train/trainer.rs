@@ -42,6 +42,104 @@ pub struct Summary {
     pub elapsed_s: f64,
 }
 
+/// What a run writes into its `--out` directory (besides other files a
+/// user may keep there, which lcc leaves alone).
+const RUN_OUTPUTS: &[&str] = &[
+    "checkpoints",
+    "metrics.jsonl",
+    "run.yaml",
+    "loss.svg",
+    "adapter",
+    "trainable_params.safetensors",
+    "model",
+];
+
+/// A new run into a directory that holds another run is refused unless it
+/// continues it (`--resume`, with the run's own options) or replaces it
+/// (`--overwrite`). Returns the earlier run's outputs to remove.
+fn check_run_dir(cfg: &TrainConfig, out: &Path) -> Result<Vec<&'static str>> {
+    let yaml = out.join("run.yaml");
+    if cfg.resume {
+        if yaml.is_file() {
+            let previous = TrainConfig::from_yaml(&yaml)?;
+            let diffs = cfg.resume_differences(&previous);
+            if !diffs.is_empty() {
+                return Err(Error::invalid(format!(
+                    "--resume: the run in {} was started with other options, and its checkpoint cannot continue under these:\n  {}\ncontinue it with its own options (lcc run-train --config {} --resume), or start a new run in another --out",
+                    out.display(),
+                    diffs.join("\n  "),
+                    yaml.display()
+                )));
+            }
+        }
+        return Ok(Vec::new());
+    }
+    let present: Vec<&'static str> = RUN_OUTPUTS
+        .iter()
+        .copied()
+        .filter(|n| out.join(n).exists())
+        .filter(|n| *n != "checkpoints" || !checkpoint::list(out).is_empty())
+        .collect();
+    if present.is_empty() {
+        return Ok(present);
+    }
+    if !cfg.overwrite {
+        return Err(Error::invalid(format!(
+            "{} holds another run ({}); continue it with --resume, replace it with --overwrite, or write to another --out",
+            out.display(),
+            present.join(", ")
+        )));
+    }
+    Ok(present)
+}
+
+/// Removes an earlier run's outputs from `out` (`--overwrite`).
+fn clear_run_outputs(out: &Path, present: &[&str]) -> Result<()> {
+    if present.is_empty() {
+        return Ok(());
+    }
+    for name in RUN_OUTPUTS {
+        let p = out.join(name);
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else if p.exists() {
+            std::fs::remove_file(&p)
+        } else {
+            Ok(())
+        };
+        removed.map_err(|e| Error::io(&p, e))?;
+    }
+    eprintln!(
+        "note: --overwrite: removed the earlier run's {} from {}",
+        present.join(", "),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Moves checkpoints newer than `step` aside as hidden `.superseded-step-N`
+/// directories: a run continued from `step` replaces their future.
+fn set_aside_newer(out: &Path, step: u64) -> Result<()> {
+    for (s, dir) in checkpoint::list(out) {
+        if s <= step {
+            continue;
+        }
+        let mut to = checkpoint::checkpoints_dir(out).join(format!(".superseded-step-{s}"));
+        let mut k = 1;
+        while to.exists() {
+            to = checkpoint::checkpoints_dir(out).join(format!(".superseded-step-{s}.{k}"));
+            k += 1;
+        }
+        std::fs::rename(&dir, &to).map_err(|e| Error::io(&dir, e))?;
+        eprintln!(
+            "note: {} is newer than the checkpoint this run continues from; moved to {}",
+            dir.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads the base model (raising an ONNX export to LLaMA-level ops) and
 /// applies the pipeline (and the initial adapter/trainable weights). The
 /// result is the forward graph that trains.
@@ -211,6 +309,7 @@ impl Trainer {
             ));
         }
         let out = cfg.out.clone().expect("validated");
+        let replaced = check_run_dir(&cfg, &out)?;
         let mut forward = prepare_model(&cfg)?;
         trainable_to_f32(&mut forward)?;
         for n in forward.g.node_weights() {
@@ -294,6 +393,9 @@ impl Trainer {
             warmup_steps: cfg.warmup,
             total_steps: cfg.steps,
         };
+        // Only now, with the model, data and optimizer ready, is the earlier
+        // run removed (--overwrite).
+        clear_run_outputs(&out, &replaced)?;
         std::fs::create_dir_all(&out)
             .map_err(|e| Error::invalid(format!("cannot create {}: {e}", out.display())))?;
         let metrics_path = out.join("metrics.jsonl");
@@ -364,14 +466,98 @@ impl Trainer {
         &self.forward
     }
 
-    fn resume(&mut self) -> Result<()> {
-        let Some(dir) = checkpoint::latest(&self.out) else {
+    /// The checkpoint to continue from: `--resume-from`'s, else the newest
+    /// intact one (a damaged newer one is named and passed over). Newer
+    /// checkpoints than the chosen one are moved aside (hidden, kept), so
+    /// that cleanup never mixes them with the continued run's.
+    fn pick_checkpoint(&self) -> Result<checkpoint::Checkpoint> {
+        let all = checkpoint::list(&self.out);
+        let available = || {
+            all.iter()
+                .map(|(s, _)| format!("step-{s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let candidates: Vec<(u64, PathBuf)> = match &self.cfg.resume_from {
+            Some(name) => {
+                let step = name
+                    .strip_prefix("step-")
+                    .unwrap_or(name)
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|s| all.iter().find(|(n, _)| *n == s).cloned());
+                match step {
+                    Some(c) => vec![c],
+                    None => {
+                        return Err(Error::invalid(format!(
+                            "--resume-from {name}: no such checkpoint in {} (there are: {})",
+                            checkpoint::checkpoints_dir(&self.out).display(),
+                            if all.is_empty() { "none".into() } else { available() }
+                        )))
+                    }
+                }
+            }
+            None => all.iter().rev().cloned().collect(),
+        };
+        if candidates.is_empty() {
             return Err(Error::invalid(format!(
                 "--resume: no checkpoint in {}; start without --resume",
-                self.out.join("checkpoints").display()
+                checkpoint::checkpoints_dir(&self.out).display()
             )));
-        };
-        let ck = checkpoint::load(&dir)?;
+        }
+        let mut damaged = Vec::new();
+        for (step, dir) in candidates {
+            let loaded = checkpoint::load(&dir).and_then(|ck| {
+                if ck.state.step != step {
+                    return Err(Error::format(
+                        &dir.join(checkpoint::STATE_FILE),
+                        format!(
+                            "records step {} but is the checkpoint of step {step}",
+                            ck.state.step
+                        ),
+                    ));
+                }
+                Ok(ck)
+            });
+            match loaded {
+                Ok(ck) => {
+                    if ck.state.step > self.cfg.steps {
+                        return Err(Error::invalid(format!(
+                            "--resume: the checkpoint {} is at step {}, past --steps {}; raise --steps to train further",
+                            dir.display(),
+                            ck.state.step,
+                            self.cfg.steps
+                        )));
+                    }
+                    for (msg, _) in &damaged {
+                        eprintln!("note: {msg}");
+                    }
+                    if !damaged.is_empty() {
+                        eprintln!("note: resuming from the newest intact checkpoint, {}", dir.display());
+                    }
+                    set_aside_newer(&self.out, step)?;
+                    return Ok(ck);
+                }
+                Err(e) if self.cfg.resume_from.is_none() => {
+                    damaged.push((format!("checkpoint {} is damaged: {e}", dir.display()), dir));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::invalid(format!(
+            "--resume: every checkpoint in {} is damaged ({}); start again with --overwrite",
+            checkpoint::checkpoints_dir(&self.out).display(),
+            damaged
+                .iter()
+                .map(|(m, _)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )))
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        let ck = self.pick_checkpoint()?;
+        let dir = ck.dir.clone();
         for (name, t) in &ck.trainable {
             self.session
                 .set_weight(name, t.clone())

@@ -130,7 +130,7 @@ impl CpuBackend {
     /// A backend that runs in its own pool of `threads` threads.
     pub fn with_threads(threads: usize) -> Self {
         CpuBackend {
-            threads: Some(threads.max(1)),
+            threads: Some(threads),
             ..Default::default()
         }
     }
@@ -150,6 +150,7 @@ impl CpuBackend {
         match self.threads {
             None => execute(graph, inputs, compute),
             Some(n) => {
+                crate::util::check_threads(n)?;
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(n)
                     .build()
@@ -254,7 +255,7 @@ impl Session {
             None => None,
             Some(n) => Some(
                 rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
+                    .num_threads(crate::util::check_threads(n)?)
                     .build()
                     .map_err(|e| Error::invalid(format!("cannot start {n} CPU threads: {e}")))?,
             ),
