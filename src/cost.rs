@@ -232,7 +232,8 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
                 (c.role(n, at(1)), 2 * c.tokens(at(0)) * inp * out)
             }
             Op::Attention(attrs) => {
-                let f = 2 * 2 * c.batch * attention_pairs(attrs, c.seq_len) * attrs.head_dim as u128;
+                let f =
+                    2 * 2 * c.batch * attention_pairs(attrs, c.seq_len) * attrs.head_dim as u128;
                 flops.attention += f;
                 flops.total += f;
                 continue;

@@ -27,6 +27,38 @@ pub fn check_threads(n: usize) -> Result<usize> {
     Ok(n)
 }
 
+/// Memory the kernel says a new allocation can get now (`MemAvailable` plus
+/// free swap), or `None` where /proc/meminfo cannot be read.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        let kb: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
+/// Refuses, before allocating, work that needs more memory than the machine
+/// has: `bytes` (saturated, so overflowing sizes refuse too) for `what`.
+pub fn check_memory(bytes: u128, what: &str) -> Result<()> {
+    if let Some(avail) = available_memory() {
+        if bytes > u128::from(avail) {
+            return Err(Error::invalid(format!(
+                "{what} needs {} of memory and this machine has {} available",
+                human_bytes(u64::try_from(bytes).unwrap_or(u64::MAX)),
+                human_bytes(avail)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses anything but a regular file (after following links): opening a
 /// FIFO blocks until a writer comes, and a device has no end.
 pub fn check_regular_file(path: &Path) -> Result<std::fs::Metadata> {
@@ -63,8 +95,7 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 /// Reads a regular UTF-8 text file of at most `max` bytes.
 pub fn read_text_capped(path: &Path, max: u64) -> Result<String> {
-    String::from_utf8(read_capped(path, max)?)
-        .map_err(|_| Error::format(path, "is not UTF-8 text"))
+    String::from_utf8(read_capped(path, max)?).map_err(|_| Error::format(path, "is not UTF-8 text"))
 }
 
 /// `1234567` → `1,234,567`.

@@ -24,25 +24,19 @@ fn llama_7b() -> Graph {
 
 /// The paper's count for one sequence of `SEQ` tokens: 2·m·n·k per matmul.
 fn projections() -> u128 {
-    u128::from({
-    LAYERS * 4 * (2 * SEQ * HIDDEN * HIDDEN)
-    })
+    u128::from(LAYERS * 4 * (2 * SEQ * HIDDEN * HIDDEN))
 }
 fn mlp() -> u128 {
-    u128::from({
-    LAYERS * 3 * (2 * SEQ * HIDDEN * INTER)
-    })
+    u128::from(LAYERS * 3 * (2 * SEQ * HIDDEN * INTER))
 }
 fn full_attention() -> u128 {
-    u128::from({
-    // QKᵀ and PV over the whole L×L, no causal halving.
-    LAYERS * 2 * (2 * HEADS * SEQ * SEQ * HEAD_DIM)
-    })
+    u128::from(
+        // QKᵀ and PV over the whole L×L, no causal halving.
+        LAYERS * 2 * (2 * HEADS * SEQ * SEQ * HEAD_DIM),
+    )
 }
 fn lm_head() -> u128 {
-    u128::from({
-    2 * SEQ * HIDDEN * VOCAB
-    })
+    u128::from(2 * SEQ * HIDDEN * VOCAB)
 }
 
 #[test]
@@ -162,7 +156,10 @@ fn lora_r8_on_qkvo_adds_8_4m_trainable_parameters() {
     assert_eq!(c.params.trainable.other, 0);
     // The LoRA branch: 2·T·in·r + 2·T·r·out per projection.
     let branch = LAYERS * 4 * (2 * SEQ * HIDDEN * 8 + 2 * SEQ * 8 * HIDDEN);
-    assert_eq!(c.flops_forward.projections, projections() + u128::from(branch));
+    assert_eq!(
+        c.flops_forward.projections,
+        projections() + u128::from(branch)
+    );
     assert_eq!(c.flops_forward.mlp, mlp());
 
     // LongLoRA's "+": embeddings and norms trainable too.

@@ -249,6 +249,12 @@ impl Pass for Lora {
                     )))
                 }
             };
+            if rank > in_f.min(out_f) {
+                return Err(Error::invalid(format!(
+                    "pass 'lora': rank {rank} is larger than the projection '{module}' ([{out_f}, {in_f}]): a rank above {} adds parameters and no expressiveness; lower lora.rank",
+                    in_f.min(out_f)
+                )));
+            }
             let a_name = lora_a_name(module);
             let b_name = lora_b_name(module);
             let a = kaiming_uniform(rank, in_f, self.options.seed, &a_name);

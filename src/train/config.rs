@@ -336,7 +336,9 @@ impl TrainConfig {
             ));
         }
         if self.resume && self.overwrite {
-            return bad("--resume continues the run in --out and --overwrite replaces it: give one".into());
+            return bad(
+                "--resume continues the run in --out and --overwrite replaces it: give one".into(),
+            );
         }
         if self.resume_from.is_some() && !self.resume {
             return bad("--resume-from goes with --resume".into());

@@ -124,7 +124,9 @@ pub fn generate_with(
     }
     session.reset();
     let mut rng = SplitMix64::new(sampling.seed);
-    let mut out = Vec::with_capacity(max_new);
+    // Not `with_capacity(max_new)`: the count is the user's, the tokens
+    // come one by one (and end at EOS).
+    let mut out = Vec::new();
     if max_new == 0 {
         return Ok(out);
     }

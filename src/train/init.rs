@@ -25,6 +25,22 @@ pub fn init_model(config: &Path, seed: u64, dtype: Option<DType>) -> Result<Grap
         )));
     }
     let shapes = shape_only_weights(&cfg);
+    // The weights are built as f32 and encoded once more: 4 + size bytes
+    // per parameter at the peak.
+    let need: u128 = shapes
+        .iter()
+        .map(|w| {
+            let n = w
+                .shape
+                .iter()
+                .fold(1u128, |a, &d| a.saturating_mul(d as u128));
+            n.saturating_mul(4 + dtype.unwrap_or(w.dtype).size() as u128)
+        })
+        .fold(0u128, u128::saturating_add);
+    crate::util::check_memory(
+        need,
+        &format!("initialising the model of {}", config.display()),
+    )?;
     let mut store = crate::ir::WeightStore::new();
     for w in shapes.iter() {
         let dt = dtype.unwrap_or(w.dtype);

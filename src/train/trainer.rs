@@ -362,6 +362,14 @@ impl Trainer {
                 vocab_size: vocab,
             },
         )?;
+        if cfg.batch_size > dataset.train.len() {
+            return Err(Error::invalid(format!(
+                "--batch-size {} is more rows than the training data has ({} rows of {} tokens); lower --batch-size or --seq-len, or add data",
+                cfg.batch_size,
+                dataset.train.len(),
+                cfg.seq_len
+            )));
+        }
         let loader = Loader::new(dataset.train.clone(), cfg.seed, true)?;
 
         let opt_cfg = match cfg.optimizer {
@@ -492,7 +500,11 @@ impl Trainer {
                         return Err(Error::invalid(format!(
                             "--resume-from {name}: no such checkpoint in {} (there are: {})",
                             checkpoint::checkpoints_dir(&self.out).display(),
-                            if all.is_empty() { "none".into() } else { available() }
+                            if all.is_empty() {
+                                "none".into()
+                            } else {
+                                available()
+                            }
                         )))
                     }
                 }
@@ -510,7 +522,7 @@ impl Trainer {
             let loaded = checkpoint::load(&dir).and_then(|ck| {
                 if ck.state.step != step {
                     return Err(Error::format(
-                        &dir.join(checkpoint::STATE_FILE),
+                        dir.join(checkpoint::STATE_FILE),
                         format!(
                             "records step {} but is the checkpoint of step {step}",
                             ck.state.step
@@ -533,7 +545,10 @@ impl Trainer {
                         eprintln!("note: {msg}");
                     }
                     if !damaged.is_empty() {
-                        eprintln!("note: resuming from the newest intact checkpoint, {}", dir.display());
+                        eprintln!(
+                            "note: resuming from the newest intact checkpoint, {}",
+                            dir.display()
+                        );
                     }
                     set_aside_newer(&self.out, step)?;
                     return Ok(ck);
