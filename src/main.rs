@@ -579,7 +579,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             external_data,
         } => {
-            let mut graph = model::load(&model)?;
+            let mut graph = load_model(&model)?;
             raise_on_demand(&mut graph, &model, no_raise, "merge")?;
             let merged = match (&run, &adapter) {
                 (Some(run), _) => {
@@ -720,7 +720,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn inspect(path: &Path, print: bool, json: bool) -> Result<ExitCode> {
     let format = model::detect(path)?;
-    let graph = model::load(path)?;
+    let graph = load_model(path)?;
     let mut out = std::io::stdout().lock();
     if print {
         out.write_all(ir::print(&graph)?.as_bytes())?;
@@ -745,7 +745,7 @@ fn inspect_cost(
     if seq_len == 0 {
         bail!("--seq-len must be at least 1");
     }
-    let mut graph = model::load(path)?;
+    let mut graph = load_model(path)?;
     if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
         let options = passes::RunOptions {
             no_raise: pipeline.no_raise,
@@ -773,7 +773,7 @@ fn exec(
     threads: Option<usize>,
     compute: runtime::ComputeDType,
 ) -> Result<ExitCode> {
-    let graph = model::load(path)?;
+    let graph = load_model(path)?;
     let tensors: HashMap<String, Tensor> = hf::read_tensors(inputs)
         .with_context(|| format!("reading inputs from {}", inputs.display()))?
         .into_iter()
@@ -807,8 +807,8 @@ fn exec(
 }
 
 fn diff_graph(a: &Path, b: &Path, stat: bool, no_color: bool) -> Result<ExitCode> {
-    let ga = model::load(a)?;
-    let gb = model::load(b)?;
+    let ga = load_model(a)?;
+    let gb = load_model(b)?;
     let pa = ir::print(&ga)?;
     let pb = ir::print(&gb)?;
     let summary = ir::diff::diff(&ga, &gb)?;
@@ -881,7 +881,7 @@ fn rewrite(
             bail!("--print-after {p}: pass '{p}' is not in the pipeline");
         }
     }
-    let mut graph = model::load(input)?;
+    let mut graph = load_model(input)?;
     let start = std::time::Instant::now();
     let mut printed = Ok(());
     let options = passes::RunOptions {
@@ -918,7 +918,7 @@ fn rewrite(
 
 fn convert(input: &Path, output: &Path, external: ExternalDataArg) -> Result<ExitCode> {
     let from = model::detect(input)?;
-    let graph = model::load(input)?;
+    let graph = load_model(input)?;
     let opts = export_options(external);
     let start = std::time::Instant::now();
     let to = model::save(&graph, output, &opts)
@@ -1164,7 +1164,7 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
             .build_global()
             .context("starting the worker threads")?;
     }
-    let mut graph = model::load(&args.model)?;
+    let mut graph = load_model(&args.model)?;
     raise_on_demand(&mut graph, &args.model, args.no_raise, "evaluation")?;
     match &args.run {
         Some(run) => {
@@ -1185,6 +1185,15 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
     let dir = args.model.is_dir().then_some(args.model.as_path());
     let tokenizer = Tokenizer::for_model(dir, vocab, dir.and_then(config_eos))?;
     Ok((graph, tokenizer))
+}
+
+/// Loads a model, warning on stderr about tensors its config does not use.
+fn load_model(path: &Path) -> lcc::Result<ir::Graph> {
+    let graph = model::load(path)?;
+    if let Some(w) = model::unused_tensors_warning(&graph, path) {
+        eprintln!("{w}");
+    }
+    Ok(graph)
 }
 
 /// Raises a torch ONNX export to LLaMA-level ops when `what` needs them,

@@ -52,6 +52,22 @@ pub fn output_format(path: &Path) -> Format {
     }
 }
 
+/// The warning for a checkpoint whose files hold tensors its config does
+/// not use (transformers loads such a checkpoint and warns the same way),
+/// or `None`.
+pub fn unused_tensors_warning(graph: &Graph, path: &Path) -> Option<String> {
+    let names = graph.meta.prop(crate::hf::IGNORED_PROP)?;
+    let list: Vec<&str> = names.split(',').filter(|n| !n.is_empty()).collect();
+    (!list.is_empty()).then(|| {
+        format!(
+            "warning: {} holds {} tensors its config.json does not use (ignored): {}",
+            path.display(),
+            list.len(),
+            list.join(", ")
+        )
+    })
+}
+
 /// Loads an ONNX file or a Hugging Face directory.
 pub fn load(path: &Path) -> Result<Graph> {
     match detect(path)? {

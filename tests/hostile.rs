@@ -352,3 +352,69 @@ fn sizes_from_input_are_refused_before_allocating() {
         30,
     );
 }
+
+#[test]
+fn what_the_model_does_not_say_is_not_passed_over_in_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tiny().join("hf");
+    // A config with one layer fewer than the weights: loads (as transformers
+    // does) and names the unused tensors on stderr.
+    let short = dir.path().join("short");
+    std::fs::create_dir(&short).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        short.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = serde_json::json!(1);
+    std::fs::write(short.join("config.json"), cfg.to_string()).unwrap();
+    let o = lcc(&[
+        "exec",
+        s(&short),
+        "--inputs",
+        s(&tiny().join("inputs_s7.safetensors")),
+        "-o",
+        s(&dir.path().join("o.safetensors")),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("warning:") && t.contains("9 tensors") && t.contains("model.layers.1."),
+        "{t}"
+    );
+    // A diverged (NaN) adapter is not merged into a NaN model.
+    let adapter = dir.path().join("nan-adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let peft = fixtures().join("peft/adapter");
+    std::fs::copy(
+        peft.join("adapter_config.json"),
+        adapter.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors = lcc::hf::read_tensors(&peft.join("adapter_model.safetensors")).unwrap();
+    if let lcc::ir::TensorData::F32(v) = &mut tensors[0].1.data {
+        v[3] = f32::NAN;
+    }
+    lcc::hf::write_tensors(&adapter.join("adapter_model.safetensors"), &tensors).unwrap();
+    refused(
+        &[
+            "merge",
+            s(&src),
+            "--adapter",
+            s(&adapter),
+            "-o",
+            s(&dir.path().join("merged")),
+        ],
+        &["non-finite", &tensors[0].0],
+    );
+    assert!(!dir.path().join("merged").exists());
+    // An opset that ONNX does not define.
+    let model = lcc::onnx::load(&tiny().join(EXPORTS[0])).unwrap();
+    let mut g = model.clone();
+    g.meta.opsets = vec![(String::new(), 99)];
+    let bad = dir.path().join("opset99.onnx");
+    lcc::onnx::save(&g, &bad, &Default::default()).unwrap();
+    refused(&["inspect", s(&bad)], &["opset 99"]);
+}

@@ -159,15 +159,37 @@ pub fn load_adapter(dir: &Path) -> Result<Adapter> {
             dir.display()
         )));
     }
-    let tensors = super::read_tensors(&weights)?
+    let tensors: Vec<(String, Tensor)> = super::read_tensors(&weights)?
         .into_iter()
         .map(|(name, t)| (name.replace(".default.weight", ".weight"), t))
         .collect();
+    for (name, t) in &tensors {
+        check_finite(t, name, &weights)?;
+    }
     Ok(Adapter {
         dir: dir.to_path_buf(),
         config,
         tensors,
     })
+}
+
+/// A NaN or infinite value in a trained tensor would spread through every
+/// weight it merges into: refuse it, naming the tensor and the file.
+fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
+    let bad = match &t.data {
+        TensorData::F32(v) => v.iter().position(|x| !x.is_finite()),
+        TensorData::F64(v) => v.iter().position(|x| !x.is_finite()),
+        _ => None,
+    };
+    match bad {
+        Some(i) => Err(Error::format(
+            file,
+            format!(
+                "tensor '{name}' holds a non-finite value (element {i}); the run that wrote it diverged — use an earlier checkpoint"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The HF name of a tensor named with or without PEFT's prefix.
@@ -400,6 +422,9 @@ pub fn load_trainable(graph: &mut Graph, file: &Path) -> Result<usize> {
         )));
     }
     let tensors = super::read_tensors(file)?;
+    for (name, t) in &tensors {
+        check_finite(t, name, file)?;
+    }
     let what = format!("trainable params {}", file.display());
     for (name, t) in &tensors {
         replace_values(graph, strip_peft_prefix(name), t, true, &what)?;

@@ -22,7 +22,10 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-
+/// The newest opset of the default domain that ONNX defines (onnx 1.23,
+/// whose node tests lcc runs): a model declaring a later one was written
+/// against operators nobody has specified, so its meaning is unknown.
+pub const MAX_DEFAULT_OPSET: i64 = 28;
 /// Largest `Constant` lcc materialises in memory; bigger tensors belong in
 /// initializers, which stay mapped.
 const MAX_CONSTANT_BYTES: usize = 256 << 20;
@@ -167,7 +170,14 @@ impl<'a> Importer<'a> {
         };
         let mut opsets = HashMap::new();
         for o in &opset_import {
-            opsets.insert(norm_domain(&o.domain).to_string(), o.version);
+            let domain = norm_domain(&o.domain);
+            if domain.is_empty() && !(1..=MAX_DEFAULT_OPSET).contains(&o.version) {
+                return Err(self.err(format!(
+                    "the model imports opset {} of the default ONNX domain; ONNX defines opsets 1 to {MAX_DEFAULT_OPSET}, and lcc knows no later one (export with opset_version {MAX_DEFAULT_OPSET} or lower)",
+                    o.version
+                )));
+            }
+            opsets.insert(domain.to_string(), o.version);
         }
         let opsets: Opsets = Rc::new(opsets);
 
