@@ -248,19 +248,10 @@ fn run_losses(model: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<f64> 
         .collect()
 }
 
-fn write_text(dir: &Path) -> PathBuf {
-    let body: String = (0..300)
-        .map(|i| format!("Line {i}: the quick brown fox jumps over the lazy dog.\n"))
-        .collect();
-    let path = dir.join("text.txt");
-    std::fs::write(&path, body).unwrap();
-    path
-}
-
 #[test]
 fn run_train_on_torch_exports_trains_like_the_hf_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let data = write_text(dir.path());
+    let data = generated_text(dir.path());
     let want = run_losses(s(&tiny().join("hf")), &data, &dir.path().join("hf"), &[]);
     assert_eq!(want.len(), 2);
     for name in EXPORTS {
@@ -508,7 +499,7 @@ fn a_bf16_checkpoint_computes_in_f32_by_default() {
 #[test]
 fn merge_run_is_the_release_step() {
     let dir = tempfile::tempdir().unwrap();
-    let data = write_text(dir.path());
+    let data = generated_text(dir.path());
     let run = dir.path().join("run");
     let base = tiny().join("hf");
     run_losses(s(&base), &data, &run, &[]);

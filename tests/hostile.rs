@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn s(p: &Path) -> &str {
@@ -36,15 +36,6 @@ fn refused_within(args: &[&str], needles: &[&str], secs: u64) {
 
 fn refused(args: &[&str], needles: &[&str]) {
     refused_within(args, needles, 60)
-}
-
-fn text_data(dir: &Path) -> PathBuf {
-    let body: String = (0..300)
-        .map(|i| format!("Line {i}: the quick brown fox jumps over the lazy dog.\n"))
-        .collect();
-    let path = dir.join("text.txt");
-    std::fs::write(&path, body).unwrap();
-    path
 }
 
 fn train<'a>(data: &'a str, out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -115,7 +106,7 @@ fn special_files_are_refused_not_waited_on() {
             10,
         );
         refused_within(&["run-train", "--config", f], &["not a regular file"], 10);
-        let data = text_data(dir.path());
+        let data = generated_text(dir.path());
         refused_within(
             &train(
                 s(&data),
@@ -148,7 +139,7 @@ fn special_files_are_refused_not_waited_on() {
 #[test]
 fn out_of_range_options_are_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let data = text_data(dir.path());
+    let data = generated_text(dir.path());
     let out = dir.path().join("run");
     let (d, o) = (s(&data), s(&out));
     let mut many = train(d, o, "1", &[]);
@@ -221,7 +212,7 @@ fn an_eos_outside_the_vocabulary_is_an_error() {
 #[test]
 fn a_second_run_into_a_run_directory_is_refused_unless_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let data = text_data(dir.path());
+    let data = generated_text(dir.path());
     let out = dir.path().join("run");
     let (d, o) = (s(&data), s(&out));
     let first = lcc(&train(d, o, "4", &[]));
@@ -256,7 +247,7 @@ fn a_second_run_into_a_run_directory_is_refused_unless_asked() {
 #[test]
 fn resume_refuses_other_options_and_falls_back_past_a_damaged_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let data = text_data(dir.path());
+    let data = generated_text(dir.path());
     let out = dir.path().join("run");
     let (d, o) = (s(&data), s(&out));
     let first = lcc(&train(d, o, "3", &[]));
@@ -325,7 +316,7 @@ fn cost_counts_past_u64_are_exact() {
 #[test]
 fn sizes_from_input_are_refused_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
-    let data = text_data(dir.path());
+    let data = generated_text(dir.path());
     let out = dir.path().join("run");
     let (d, o) = (s(&data), s(&out));
     let mut big_batch = train(d, o, "1", &[]);

@@ -124,3 +124,14 @@ pub fn stderr(o: &Output) -> String {
 pub fn text(o: &Output) -> String {
     format!("stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o))
 }
+
+/// About 17 KB of generated English-like lines in `dir/text.txt` (training
+/// data for short runs).
+pub fn generated_text(dir: &Path) -> PathBuf {
+    let body: String = (0..300)
+        .map(|i| format!("Line {i}: the quick brown fox jumps over the lazy dog.\n"))
+        .collect();
+    let path = dir.join("text.txt");
+    std::fs::write(&path, body).unwrap();
+    path
+}
