@@ -5,13 +5,11 @@ use std::path::PathBuf;
 /// Errors from every part of lcc. User input never panics; it ends up here.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The operating system refused a read or write.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The operating system refused a read or write. The OS error is part
+    /// of the message and deliberately not a `source`, so that printing the
+    /// chain (`{:#}`) does not say it twice.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file was read but its contents are not what its format promises.
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
@@ -46,7 +44,29 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
+        }
+    }
+
+    /// The same error with a path under `tmp` (a temporary file or staging
+    /// dir) named by where it was going, `out`: users know the output they
+    /// typed, not lcc's temporary names.
+    pub fn naming_output(self, tmp: &std::path::Path, out: &std::path::Path) -> Self {
+        let rename = |p: PathBuf| match p.strip_prefix(tmp) {
+            Ok(rest) if rest.as_os_str().is_empty() => out.to_path_buf(),
+            Ok(rest) => out.join(rest),
+            Err(_) => p,
+        };
+        match self {
+            Error::Io { path, err } => Error::Io {
+                path: rename(path),
+                err,
+            },
+            Error::Format { path, msg } => Error::Format {
+                path: rename(path),
+                msg,
+            },
+            other => other,
         }
     }
 

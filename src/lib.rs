@@ -8,6 +8,7 @@ pub mod cost;
 pub mod error;
 pub mod hf;
 pub mod ir;
+pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod onnx;

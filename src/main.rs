@@ -23,6 +23,11 @@ Exit codes: 0 success (diff-graph: graphs equal), 1 diff-graph: graphs differ, 2
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Refuse, with exit 2, any allocation that would take lcc's heap past
+    /// this size (e.g. 8G, 512M). Without it, allocations are checked against
+    /// the memory the machine has available.
+    #[arg(long, global = true, value_parser = lcc::memory::parse_size, value_name = "SIZE")]
+    max_memory: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -521,8 +526,12 @@ enum ExternalDataArg {
     Never,
 }
 
+#[global_allocator]
+static ALLOC: lcc::memory::CountingAlloc = lcc::memory::CountingAlloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    lcc::memory::set_limit(cli.max_memory);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

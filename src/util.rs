@@ -27,38 +27,6 @@ pub fn check_threads(n: usize) -> Result<usize> {
     Ok(n)
 }
 
-/// Memory the kernel says a new allocation can get now (`MemAvailable` plus
-/// free swap), or `None` where /proc/meminfo cannot be read.
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        let kb: u64 = line[key.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
-    };
-    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
-}
-
-/// Refuses, before allocating, work that needs more memory than the machine
-/// has: `bytes` (saturated, so overflowing sizes refuse too) for `what`.
-pub fn check_memory(bytes: u128, what: &str) -> Result<()> {
-    if let Some(avail) = available_memory() {
-        if bytes > u128::from(avail) {
-            return Err(Error::invalid(format!(
-                "{what} needs {} of memory and this machine has {} available",
-                human_bytes(u64::try_from(bytes).unwrap_or(u64::MAX)),
-                human_bytes(avail)
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Refuses anything but a regular file (after following links): opening a
 /// FIFO blocks until a writer comes, and a device has no end.
 pub fn check_regular_file(path: &Path) -> Result<std::fs::Metadata> {
@@ -118,7 +86,7 @@ pub fn group_digits_u128(n: u128) -> String {
 
 /// Bytes in binary units (`1.5 GiB`).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut v = n as f64;
     let mut u = 0;
     while v >= 1024.0 && u < UNITS.len() - 1 {

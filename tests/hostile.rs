@@ -409,3 +409,162 @@ fn what_the_model_does_not_say_is_not_passed_over_in_silence() {
     lcc::onnx::save(&g, &bad, &Default::default()).unwrap();
     refused(&["inspect", s(&bad)], &["opset 99"]);
 }
+
+#[test]
+fn data_walks_follow_no_loop_and_read_each_file_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("a.txt"), "x".repeat(600)).unwrap();
+    std::os::unix::fs::symlink(&data, data.join("loop")).unwrap();
+    std::os::unix::fs::symlink(data.join("a.txt"), data.join("again.txt")).unwrap();
+    let ds = lcc::train::data::load(
+        &[data.clone(), data.join("a.txt")],
+        &[],
+        &lcc::train::tokenizer::Tokenizer::bytes(),
+        &lcc::train::data::DataOptions {
+            seq_len: 32,
+            valid_fraction: 0.0,
+            seed: 1,
+            token_width: lcc::train::data::TokenWidth::U16,
+            vocab_size: 256,
+        },
+    )
+    .unwrap();
+    // One document of 600 bytes, not the same file over and over.
+    assert_eq!((ds.stats.docs, ds.stats.tokens), (1, 600), "{:?}", ds.stats);
+    // A FIFO named like a text file is refused, not waited on.
+    let made = std::process::Command::new("mkfifo")
+        .arg(data.join("pipe.txt"))
+        .status()
+        .is_ok_and(|s| s.success());
+    if made {
+        let out = dir.path().join("run");
+        refused_within(
+            &train(s(&data), s(&out), "1", &[]),
+            &["pipe.txt", "not a regular file"],
+            30,
+        );
+    }
+}
+
+#[test]
+fn a_failed_write_leaves_nothing_behind_and_names_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny().join("hf");
+    let no_tmp = |d: &Path| {
+        let left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("lcc-tmp"))
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    };
+    // An HF dir onto an existing regular file.
+    let file = dir.path().join("taken");
+    std::fs::write(&file, "keep me").unwrap();
+    refused(
+        &["convert", s(&hf), "-o", s(&file)],
+        &["taken", "not a directory"],
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    no_tmp(dir.path());
+    // An existing model dir whose weights file is in the way (a directory):
+    // the move fails, the staging dir goes, the error names the output.
+    let target = dir.path().join("model");
+    std::fs::create_dir_all(target.join("model.safetensors")).unwrap();
+    let o = lcc(&["convert", s(&hf), "-o", s(&target)]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains(s(&target.join("model.safetensors"))), "{t}");
+    assert!(!t.contains("lcc-tmp"), "{t}");
+    no_tmp(dir.path());
+    // Under a path that is a file: the OS error is printed once, with the
+    // output's name.
+    let o = lcc(&["convert", s(&hf), "-o", s(&file.join("x.onnx"))]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("taken/x.onnx") && !t.contains("lcc-tmp"), "{t}");
+    assert_eq!(t.matches("Not a directory").count(), 1, "{t}");
+    no_tmp(dir.path());
+}
+
+#[test]
+fn graph_sizes_are_refused_before_allocating() {
+    use lcc::ir::{DType, Graph, Op, TensorType};
+    let dir = tempfile::tempdir().unwrap();
+    // A MatMul whose output would take 160 GB.
+    let mut g = Graph::new();
+    let a = g.add_input("a", TensorType::fixed(DType::F32, &[200_000, 1]));
+    let b = g.add_input("b", TensorType::fixed(DType::F32, &[1, 200_000]));
+    let y = g.add("mm", Op::MatMul, &[a, b], None).unwrap();
+    g.outputs.push(("y".into(), y));
+    let model = dir.path().join("mm.onnx");
+    lcc::onnx::save(&g, &model, &Default::default()).unwrap();
+    let inputs = dir.path().join("ab.safetensors");
+    let ones = lcc::ir::Tensor::f32(vec![200_000, 1], vec![1.0; 200_000]);
+    let row = lcc::ir::Tensor::f32(vec![1, 200_000], vec![1.0; 200_000]);
+    lcc::hf::write_tensors(&inputs, &[("a".into(), ones), ("b".into(), row)]).unwrap();
+    let out = dir.path().join("y.safetensors");
+    refused_within(
+        &["exec", s(&model), "--inputs", s(&inputs), "-o", s(&out)],
+        &["'mm'", "MatMul output [200000, 200000]", "memory"],
+        30,
+    );
+    // Tokens past what --max-memory allows: the embedding output is refused.
+    let n = 1_000_000usize;
+    let ids = lcc::ir::Tensor::i64(vec![1, n], vec![1; n]);
+    let ids_file = dir.path().join("ids.safetensors");
+    lcc::hf::write_tensors(&ids_file, &[("input_ids".into(), ids)]).unwrap();
+    refused_within(
+        &[
+            "exec",
+            s(&tiny().join("hf")),
+            "--inputs",
+            s(&ids_file),
+            "-o",
+            s(&out),
+            "--max-memory",
+            "200M",
+        ],
+        &["Embedding output [1, 1000000, ", "--max-memory 200.0 MiB"],
+        30,
+    );
+    // Lengths and counts whose KV cache cannot fit.
+    let hf = tiny().join("hf");
+    refused_within(
+        &["eval", "passkey", s(&hf), "--lengths", "1000000000"],
+        &["--lengths 1000000000", "memory"],
+        30,
+    );
+    for n in ["1000000000000", "18446744073709551615"] {
+        refused_within(
+            &["generate", s(&hf), "--prompt", "Hi", "--max-new-tokens", n],
+            &[&format!("--max-new-tokens {n}"), "memory"],
+            30,
+        );
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_ten_thousand_layer_model_builds_in_linear_time() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "llama", "vocab_size": 256, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 10000,
+            "num_attention_heads": 2, "max_position_embeddings": 256}"#,
+    )
+    .unwrap();
+    // A shape-only model (config.json alone). 10,000 layers took 127 s when
+    // building was quadratic; linear, it is well under a second, so a bound
+    // of 20 s catches a regression without timing the machine.
+    let start = Instant::now();
+    let o = lcc(&["inspect", s(dir.path())]);
+    let took = start.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(stdout(&o).contains("90003 weights"), "{}", stdout(&o));
+    eprintln!("inspect of 10,000 layers: {took:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}

@@ -225,34 +225,33 @@ pub fn save_with(graph: &Graph, dir: &Path, opts: &SaveOptions) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    if target.exists() && !target.is_dir() {
+        return Err(Error::invalid(format!(
+            "{} exists and is not a directory; a Hugging Face model is saved as a directory (give another -o, or an .onnx name to write ONNX)",
+            dir.display()
+        )));
+    }
     let staging = safetensors::temp_sibling(&target);
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
     std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
-    let written = (|| -> Result<Vec<String>> {
+    let written = (|| -> Result<()> {
         let config_json =
             serde_json::to_string_pretty(&cfg.to_json()).expect("JSON serializes") + "\n";
         let config_path = staging.join("config.json");
         std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
         let mut names = write_sharded(&staging, &weights, opts.max_shard_size)?;
         names.insert(0, "config.json".into());
-        Ok(names)
-    })();
-    let names = match written {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
+        if !target.exists() {
+            return std::fs::rename(&staging, &target).map_err(|e| Error::io(&target, e));
         }
-    };
-    if !target.exists() {
-        std::fs::rename(&staging, &target).map_err(|e| Error::io(&target, e))?;
-        return Ok(());
-    }
-    move_into(&staging, &target, &names)?;
-    let _ = std::fs::remove_dir(&staging);
-    Ok(())
+        move_into(&staging, &target, &names)
+    })();
+    // Whatever happened, no staging dir stays behind (after a rename there
+    // is none; after a move it is empty).
+    let _ = std::fs::remove_dir_all(&staging);
+    written.map_err(|e| e.naming_output(&staging, &target))
 }
 
 /// Moves the staged files into an existing dir so that at no moment does

@@ -389,7 +389,7 @@ pub fn write_safetensors(
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result.map_err(|e| e.naming_output(&tmp, path))
 }
 
 /// Splits weights into shards as `huggingface_hub`'s

@@ -5,6 +5,7 @@ use crate::{Error, Result};
 use petgraph::stable_graph::{EdgeIndex, NodeIndex, StableGraph};
 use petgraph::visit::{EdgeRef, NodeIndexable};
 use petgraph::Direction;
+use std::collections::HashMap;
 
 /// An edge from output `src_slot` of its source to input `dst_slot` of its
 /// target. Operands are read in port order, never in petgraph's order.
@@ -113,6 +114,68 @@ pub struct Graph {
     pub outputs: Vec<(String, Value)>,
     pub weights: WeightStore,
     pub meta: ModelMeta,
+    /// The node reading each weight, so that `weight_value` is O(1) and
+    /// building a model is linear in its size.
+    weight_nodes: WeightNodes,
+}
+
+/// Which node reads each weight. Nodes added or removed through `Graph`'s
+/// methods keep it current; any other edit of `g` changes the node count or
+/// bound it was synced at, and the next lookup rebuilds it in one pass. A hit
+/// is always checked against the node it names.
+#[derive(Clone, Debug, Default)]
+struct WeightNodes {
+    map: HashMap<String, NodeIndex>,
+    /// `(node_bound, node_count)` of the graph the map describes.
+    synced: (usize, usize),
+}
+
+impl WeightNodes {
+    fn state(g: &StableGraph<Node, Edge>) -> (usize, usize) {
+        (g.node_bound(), g.node_count())
+    }
+
+    fn sync(&mut self, g: &StableGraph<Node, Edge>) {
+        if self.synced != Self::state(g) {
+            self.rebuild(g);
+        }
+    }
+
+    fn rebuild(&mut self, g: &StableGraph<Node, Edge>) {
+        self.map.clear();
+        for n in g.node_indices() {
+            if let Op::Weight { name } = &g[n].op {
+                self.map.entry(name.clone()).or_insert(n);
+            }
+        }
+        self.synced = Self::state(g);
+    }
+
+    /// Records node `n`, just added to `g` by `Graph`.
+    fn added(&mut self, g: &StableGraph<Node, Edge>, n: NodeIndex) {
+        let before = (g.node_bound(), g.node_count() - 1);
+        let fresh = self.synced == before || self.synced == (before.0 - 1, before.1);
+        if !fresh {
+            return; // out of sync anyway: the next lookup rebuilds
+        }
+        if let Op::Weight { name } = &g[n].op {
+            self.map.entry(name.clone()).or_insert(n);
+        }
+        self.synced = Self::state(g);
+    }
+
+    /// Records that node `n` (reading `op`) was just removed from `g` by `Graph`.
+    fn removed(&mut self, g: &StableGraph<Node, Edge>, n: NodeIndex, op: &Op) {
+        if self.synced != (g.node_bound(), g.node_count() + 1) {
+            return;
+        }
+        if let Op::Weight { name } = op {
+            if self.map.get(name) == Some(&n) {
+                self.map.remove(name);
+            }
+        }
+        self.synced = Self::state(g);
+    }
 }
 
 impl Graph {
@@ -158,6 +221,7 @@ impl Graph {
             num_inputs: inputs.len(),
             outputs,
         });
+        self.weight_nodes.added(&self.g, idx);
         for (i, v) in inputs.iter().enumerate() {
             if let Some(v) = v {
                 self.g.add_edge(
@@ -198,6 +262,7 @@ impl Graph {
                 ty: Some(ty),
             }],
         });
+        self.weight_nodes.added(&self.g, idx);
         self.inputs.push(idx);
         Value::new(idx, 0)
     }
@@ -209,12 +274,16 @@ impl Graph {
             Error::Verify(format!("weight '{name}' is referenced but not present"))
         })?;
         let ty = TensorType::fixed(w.dtype, &w.shape);
-        if let Some(n) = self
-            .g
-            .node_indices()
-            .find(|&n| matches!(&self.g[n].op, Op::Weight { name: wn } if wn == name))
-        {
-            return Ok(Value::new(n, 0));
+        self.weight_nodes.sync(&self.g);
+        if let Some(&n) = self.weight_nodes.map.get(name) {
+            if matches!(&self.g[n].op, Op::Weight { name: wn } if wn == name) {
+                return Ok(Value::new(n, 0));
+            }
+            // Stale (an edit that kept the counts): rebuild and look again.
+            self.weight_nodes.rebuild(&self.g);
+            if let Some(&n) = self.weight_nodes.map.get(name) {
+                return Ok(Value::new(n, 0));
+            }
         }
         let idx = self.g.add_node(Node {
             name: name.to_string(),
@@ -227,6 +296,7 @@ impl Graph {
                 ty: Some(ty),
             }],
         });
+        self.weight_nodes.added(&self.g, idx);
         Ok(Value::new(idx, 0))
     }
 
@@ -333,7 +403,9 @@ impl Graph {
         }
         let dead: Vec<NodeIndex> = self.g.node_indices().filter(|n| !live[n.index()]).collect();
         for &n in &dead {
-            self.g.remove_node(n);
+            if let Some(node) = self.g.remove_node(n) {
+                self.weight_nodes.removed(&self.g, n, &node.op);
+            }
         }
         let used: std::collections::HashSet<String> = self
             .g

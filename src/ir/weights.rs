@@ -98,6 +98,10 @@ impl Weight {
                 self.source()
             ))
         })?;
+        crate::memory::check(
+            self.numel() as u128 * self.dtype.size().max(4) as u128,
+            &format!("decoding weight '{}' {:?}", self.name, self.shape),
+        )?;
         Tensor::from_le_bytes(self.dtype, self.shape.clone(), bytes)
             .map_err(|e| Error::invalid(format!("weight '{}': {e}", self.name)))
     }
@@ -115,9 +119,13 @@ impl Weight {
 }
 
 /// The model's weights by name, in insertion order (which export preserves).
+///
+/// Removal leaves a tombstone that is compacted away once tombstones are the
+/// majority, so every operation is amortised O(1) and building a model is
+/// linear in its number of weights.
 #[derive(Clone, Debug, Default)]
 pub struct WeightStore {
-    items: Vec<Weight>,
+    items: Vec<Option<Weight>>,
     index: HashMap<String, usize>,
 }
 
@@ -126,23 +134,23 @@ impl WeightStore {
         Self::default()
     }
 
-    /// Adds or replaces a weight.
+    /// Adds or replaces a weight (a replaced weight keeps its position).
     pub fn insert(&mut self, w: Weight) {
         match self.index.get(&w.name) {
-            Some(&i) => self.items[i] = w,
+            Some(&i) => self.items[i] = Some(w),
             None => {
                 self.index.insert(w.name.clone(), self.items.len());
-                self.items.push(w);
+                self.items.push(Some(w));
             }
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&Weight> {
-        self.index.get(name).map(|&i| &self.items[i])
+        self.index.get(name).and_then(|&i| self.items[i].as_ref())
     }
 
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Weight> {
-        self.index.get(name).map(|&i| &mut self.items[i])
+        self.index.get(name).and_then(|&i| self.items[i].as_mut())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -151,32 +159,40 @@ impl WeightStore {
 
     pub fn remove(&mut self, name: &str) -> Option<Weight> {
         let i = self.index.remove(name)?;
-        let w = self.items.remove(i);
-        for v in self.index.values_mut() {
-            if *v > i {
-                *v -= 1;
+        let w = self.items[i].take();
+        if self.index.len() * 2 < self.items.len() {
+            self.compact();
+        }
+        w
+    }
+
+    /// Drops the tombstones, renumbering the index.
+    fn compact(&mut self) {
+        self.items.retain(Option::is_some);
+        for (i, w) in self.items.iter().enumerate() {
+            if let Some(w) = w {
+                self.index.insert(w.name.clone(), i);
             }
         }
-        Some(w)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Weight> {
-        self.items.iter()
+        self.items.iter().flatten()
     }
 
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.index.is_empty()
     }
 
     pub fn num_params(&self) -> u64 {
-        self.items.iter().map(|w| w.numel() as u64).sum()
+        self.iter().map(|w| w.numel() as u64).sum()
     }
 
     pub fn num_bytes(&self) -> u64 {
-        self.items.iter().map(|w| w.nbytes() as u64).sum()
+        self.iter().map(|w| w.nbytes() as u64).sum()
     }
 }

@@ -81,6 +81,14 @@ pub fn save(graph: &Graph, path: &Path, opts: &ExportOptions) -> Result<()> {
         .to_string_lossy()
         .into_owned();
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    // A shape-only model cannot be written; say so before lowering it.
+    if let Some(w) = graph
+        .weights
+        .iter()
+        .find(|w| matches!(w.data, WeightData::Absent))
+    {
+        return Err(absent(w));
+    }
     let prepared = prepare(graph)?;
     let g = prepared.graph();
 
@@ -822,12 +830,12 @@ fn write_replacing(path: &Path, write: impl FnOnce(&mut File, &Path) -> Result<(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".lcc-tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut f = File::create(&tmp).map_err(|e| Error::io(path, e))?;
     let res = write(&mut f, &tmp).and_then(|_| f.sync_all().map_err(|e| Error::io(&tmp, e)));
     drop(f);
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(e.naming_output(&tmp, path));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -125,6 +125,9 @@ impl Pass for ShiftedSparseAttention {
             )));
         }
         let (mut unchanged, mut replaced_sparse) = (0usize, 0usize);
+        // One patch for every layer: applying one per layer would re-verify
+        // the whole graph each time (quadratic in the layer count).
+        let mut patch = Patch::new();
         for n in attentions {
             let node = graph.node(n).clone();
             let Op::Attention(mut attrs) = node.op else {
@@ -151,13 +154,14 @@ impl Pass for ShiftedSparseAttention {
                 .into_iter()
                 .map(|v| v.map(PatchValue::Existing))
                 .collect();
-            let mut patch = Patch::new();
             let new = patch.add(node.name, Op::Attention(attrs), &inputs, node.outputs);
             patch.replace(Value::new(n, 0), new);
-            let stats = graph.apply(patch)?;
             report.matched += 1;
-            report.nodes_added += stats.added;
-            report.nodes_removed += stats.removed;
+        }
+        if !patch.is_empty() {
+            let stats = graph.apply(patch)?;
+            report.nodes_added = stats.added;
+            report.nodes_removed = stats.removed;
         }
         if unchanged > 0 {
             report.notes.push(format!(

@@ -306,13 +306,16 @@ fn is_ext(path: &Path, ext: &str) -> bool {
 }
 
 /// Files of the given paths: directories become their `*.txt` files,
-/// recursively, sorted by path.
+/// recursively, sorted by path. A directory reached again through a link
+/// (a loop) is walked once, and a file reached twice is read once.
 fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let mut seen_files = std::collections::HashSet::new();
+    let mut seen_dirs = std::collections::HashSet::new();
     for p in paths {
         if p.is_dir() {
             let mut found = Vec::new();
-            walk_txt(p, &mut found)?;
+            walk_txt(p, &mut found, &mut seen_dirs)?;
             if found.is_empty() {
                 return Err(Error::invalid(format!(
                     "{}: the directory holds no *.txt files",
@@ -320,9 +323,20 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 )));
             }
             found.sort();
-            files.extend(found);
+            for f in found {
+                if seen_files.insert(canonical(&f)?) {
+                    files.push(f);
+                }
+            }
         } else if p.is_file() {
-            files.push(p.clone());
+            if seen_files.insert(canonical(p)?) {
+                files.push(p.clone());
+            }
+        } else if p.exists() {
+            return Err(Error::format(
+                p,
+                "is a FIFO, device or socket, not a regular file; lcc reads regular files only",
+            ));
         } else {
             return Err(Error::invalid(format!(
                 "{}: no such file or directory",
@@ -333,13 +347,25 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn walk_txt(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn canonical(p: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(p).map_err(|e| Error::io(p, e))
+}
+
+fn walk_txt(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) -> Result<()> {
+    if !seen.insert(canonical(dir)?) {
+        return Ok(()); // a link back to a directory already walked
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
         if path.is_dir() {
-            walk_txt(&path, out)?;
+            walk_txt(&path, out, seen)?;
         } else if is_ext(&path, "txt") {
+            crate::util::check_regular_file(&path)?;
             out.push(path);
         }
     }

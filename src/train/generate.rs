@@ -123,6 +123,15 @@ pub fn generate_with(
         ));
     }
     session.reset();
+    // Generation that does not meet EOS fills the cache to the end: refuse a
+    // count whose cache cannot fit rather than fail (or be killed) hours in.
+    session.check_room(
+        prompt.len().saturating_add(max_new),
+        &format!(
+            "--max-new-tokens {max_new} after a prompt of {} tokens",
+            prompt.len()
+        ),
+    )?;
     let mut rng = SplitMix64::new(sampling.seed);
     // Not `with_capacity(max_new)`: the count is the user's, the tokens
     // come one by one (and end at EOS).

@@ -37,7 +37,7 @@ pub fn init_model(config: &Path, seed: u64, dtype: Option<DType>) -> Result<Grap
             n.saturating_mul(4 + dtype.unwrap_or(w.dtype).size() as u128)
         })
         .fold(0u128, u128::saturating_add);
-    crate::util::check_memory(
+    crate::memory::check(
         need,
         &format!("initialising the model of {}", config.display()),
     )?;

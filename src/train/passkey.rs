@@ -118,6 +118,14 @@ pub fn passkey_retrieval(
         return Err(Error::invalid("--trials must be at least 1"));
     }
     let mut session = DecodeSession::with_compute_dtype(graph, compute)?;
+    if let Some(&longest) = lengths.iter().max() {
+        // The prompt's text and tokens, then its KV cache and logits.
+        let prompt = longest as u128 * 16;
+        crate::memory::check(
+            longest as u128 * session.bytes_per_token() + prompt,
+            &format!("--lengths {longest}"),
+        )?;
+    }
     let mut rng = SplitMix64::new(seed);
     let mut results = Vec::with_capacity(lengths.len());
     for &length in lengths {

@@ -175,6 +175,37 @@ impl<'g> DecodeSession<'g> {
         })
     }
 
+    /// Bytes one more token costs: its K and V rows in every cache, and its
+    /// row of the output (when the output's width is known).
+    pub fn bytes_per_token(&self) -> u128 {
+        let elem = 4u128; // f32 and narrower compute in f32 buffers
+        let kv: u128 = self
+            .caches
+            .keys()
+            .map(|&n| match &self.graph.node(n).op {
+                Op::Attention(a) => 2 * (a.num_kv_heads * a.head_dim) as u128 * elem,
+                _ => 0,
+            })
+            .sum();
+        let out = self.graph.node(self.output.node).outputs[self.output.slot]
+            .ty
+            .as_ref()
+            .and_then(|t| t.shape.as_ref())
+            .and_then(|s| match s.last() {
+                Some(crate::ir::Dim::Fixed(w)) => Some(u128::from(*w) * elem),
+                _ => None,
+            })
+            .unwrap_or(0);
+        kv + out
+    }
+
+    /// Refuses, before anything is allocated, a sequence of `tokens` tokens
+    /// in all whose cache and output cannot fit in memory (`what` names the
+    /// option that asked for it).
+    pub fn check_room(&self, tokens: usize, what: &str) -> Result<()> {
+        crate::memory::check(tokens as u128 * self.bytes_per_token(), what)
+    }
+
     /// Tokens fed so far.
     pub fn len(&self) -> usize {
         self.len
@@ -199,6 +230,10 @@ impl<'g> DecodeSession<'g> {
         if tokens.is_empty() {
             return Err(Error::invalid("feed at least one token"));
         }
+        self.check_room(
+            self.len + tokens.len(),
+            &format!("decoding {} tokens after {}", tokens.len(), self.len),
+        )?;
         let result = self.step(tokens);
         if result.is_err() {
             // Layers before the failing node have cached the new rows.

@@ -9,7 +9,7 @@
 //! Embedding's scatter-add) adds per-chunk partials of a fixed chunk size in
 //! chunk order, so results never depend on the number of threads.
 
-use super::linalg::{finish, gemm_strided, numel_of, MatRef, Real};
+use super::linalg::{finish, gemm_strided, output_numel, MatRef, Real};
 use super::nn::RopeSetup;
 use crate::ir::{DType, RopeAttrs, Tensor, TensorData};
 use rayon::prelude::*;
@@ -430,7 +430,7 @@ pub fn embedding_grad(weight: &Tensor, ids: &Tensor, dy: &Tensor) -> Result<Tens
             dy.shape, ids.shape
         ));
     }
-    numel_of(&weight.shape, "EmbeddingGrad output")?;
+    output_numel(&weight.shape, 4, "EmbeddingGrad output")?;
     // Counting sort of the token positions by id.
     let mut start = vec![0usize; vocab + 1];
     for &id in id_vals {
@@ -526,7 +526,7 @@ pub fn linear_grad_weight(x: &Tensor, dy: &Tensor) -> Result<Tensor, String> {
         ));
     }
     let shape = vec![out_f, in_f];
-    numel_of(&shape, "LinearGradWeight output")?;
+    output_numel(&shape, 4, "LinearGradWeight output")?;
     let rows: usize = x.shape[..x.rank() - 1].iter().product();
     fn run<T: Real>(x: &[T], dy: &[T], rows: usize, in_f: usize, out_f: usize) -> Vec<T> {
         let mut out = T::zeroed(out_f * in_f);

@@ -27,6 +27,10 @@ pub fn numel(shape: &[usize]) -> Result<usize, String> {
 /// A zero-filled vector of `n` elements, failing (instead of aborting) when
 /// the allocation cannot be made.
 pub fn alloc<T: Clone + Default>(n: usize) -> Result<Vec<T>, String> {
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
+    if let Some(why) = crate::memory::shortfall(bytes) {
+        return Err(format!("an output of {n} elements needs {why}"));
+    }
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| {
         format!(

@@ -261,6 +261,16 @@ pub fn numel_of(shape: &[usize], what: &str) -> Result<usize, String> {
     checked_numel(shape).ok_or_else(|| format!("{what} shape {shape:?} overflows"))
 }
 
+/// The number of elements of an output about to be allocated, refused (not
+/// aborted on) when `elem_bytes` each do not fit in the machine's memory.
+pub fn output_numel(shape: &[usize], elem_bytes: usize, what: &str) -> Result<usize, String> {
+    let n = numel_of(shape, what)?;
+    match crate::memory::shortfall(n as u128 * elem_bytes as u128) {
+        Some(why) => Err(format!("{what} {shape:?} needs {why}")),
+        None => Ok(n),
+    }
+}
+
 /// A strided matrix inside a slice: element (r, c) is at
 /// `offset + r*row_stride + c*col_stride`.
 #[derive(Clone, Copy, Debug)]
@@ -492,7 +502,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
         out_shape.push(n);
     }
     let nbatch = numel_of(&batch, "MatMul output")?;
-    let total = numel_of(&out_shape, "MatMul output")?;
+    let total = output_numel(&out_shape, a.dtype.size().max(4), "MatMul output")?;
     let nb_a: usize = a_batch.iter().product();
     let nb_b: usize = b_batch.iter().product();
     // Offsets of each output batch's operand matrices.
@@ -655,7 +665,7 @@ pub fn gemm(
             a.shape, trans_a as u8, b.shape, trans_b as u8
         ));
     }
-    let total = numel_of(&[m, n], "Gemm output")?;
+    let total = output_numel(&[m, n], a.dtype.size().max(4), "Gemm output")?;
     // Offsets into C for each output element, if C is given and used.
     let c_strides = match c {
         Some(c) if beta != 0.0 => {

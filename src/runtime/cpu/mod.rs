@@ -242,6 +242,20 @@ impl Session {
     ) -> Result<Session> {
         crate::ir::verify(&graph)?;
         let sched = Schedule::new(&graph)?;
+        // Every weight is decoded and kept resident: refuse up front, not
+        // half way through, when they cannot all fit.
+        let resident: u128 = graph
+            .weights
+            .iter()
+            .map(|w| w.numel() as u128 * w.dtype.size().max(4) as u128)
+            .sum();
+        crate::memory::check(
+            resident,
+            &format!(
+                "decoding the model's {} weights for a session",
+                graph.weights.len()
+            ),
+        )?;
         let mut weights = HashMap::new();
         for w in graph.weights.iter() {
             let t = if keep_trainable && w.trainable {

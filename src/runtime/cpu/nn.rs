@@ -13,7 +13,7 @@
 //! O(block·head_dim) per task instead of O(seq²), and causal masks skip the
 //! key blocks no query of the block can see.
 
-use super::linalg::{finish, gemm_strided, numel_of, MatRef, Real};
+use super::linalg::{finish, gemm_strided, output_numel, MatRef, Real};
 use crate::ir::{
     AttentionAttrs, AttentionPattern, DType, GroupSize, OnnxAttentionAttrs, ReduceOp, RopeAttrs,
     Tensor, TensorData,
@@ -1263,8 +1263,9 @@ fn onnx_attention_typed<T: Real>(
         causal_offset: causal,
         bias,
     };
-    let out_len = numel_of(
+    let out_len = output_numel(
         &[g.batch, g.q_heads, g.q_len, g.v_head_dim],
+        std::mem::size_of::<T>(),
         "Attention output",
     )?;
     let mut y = vec![T::ZERO; out_len];
@@ -1303,7 +1304,7 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor, String> {
         .ok_or_else(|| format!("{OP} ids must be integers, got {}", ids.dtype))?;
     let mut shape = ids.shape.clone();
     shape.push(hidden);
-    numel_of(&shape, "Embedding output")?;
+    output_numel(&shape, weight.dtype.size().max(4), "Embedding output")?;
     for &id in id_vals {
         if id < 0 || id as usize >= vocab {
             return Err(format!(
@@ -1925,7 +1926,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     if let Some(last) = shape.last_mut() {
         *last = out_f;
     }
-    numel_of(&shape, "Linear output")?;
+    output_numel(&shape, x.dtype.size().max(4), "Linear output")?;
     let rows: usize = x.shape[..x.rank() - 1].iter().product();
     fn run<T: Real>(
         x: &[T],
