@@ -14,7 +14,7 @@
 mod builder;
 mod config;
 pub mod peft;
-mod safetensors;
+pub mod safetensors;
 
 pub use builder::{build_llama, expected_weights, shape_only_weights, CONFIG_PROP, IGNORED_PROP};
 pub use config::{ConfigForm, LlamaConfig};

@@ -204,7 +204,12 @@ impl TrainConfig {
     /// silently ignored).
     pub fn from_yaml(path: &Path) -> Result<TrainConfig> {
         let text = crate::util::read_text_capped(path, crate::util::MAX_TEXT_BYTES)?;
-        serde_saphyr::from_str(&text).map_err(|e| {
+        Self::from_yaml_str(&text, path)
+    }
+
+    /// Parses YAML text read from `path` (named in errors).
+    pub fn from_yaml_str(text: &str, path: &Path) -> Result<TrainConfig> {
+        serde_saphyr::from_str(text).map_err(|e| {
             Error::invalid(format!(
                 "{}: not a valid training config: {e}",
                 path.display()

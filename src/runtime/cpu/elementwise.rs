@@ -921,6 +921,10 @@ pub fn trilu(x: &Tensor, k: Option<&Tensor>, upper: bool) -> KResult<Tensor> {
 }
 
 fn filled<T: Clone>(n: usize, value: T) -> KResult<Vec<T>> {
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
+    if let Some(why) = crate::memory::shortfall(bytes) {
+        return Err(format!("an output of {n} elements needs {why}"));
+    }
     let mut v = Vec::new();
     v.try_reserve_exact(n)
         .map_err(|_| format!("cannot allocate {n} elements"))?;
