@@ -1163,8 +1163,8 @@ fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads the model for evaluation: raised to LLaMA ops when it is an ONNX
-/// export, with the adapter and trainable params applied; and its tokenizer.
+/// Sets up `--threads` and loads the model for evaluation
+/// ([`lcc::train::eval::load_for_eval`]), printing its notes on stderr.
 fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
     if let Some(n) = args.threads {
         lcc::util::check_threads(n)?;
@@ -1173,27 +1173,16 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
             .build_global()
             .context("starting the worker threads")?;
     }
-    let mut graph = load_model(&args.model)?;
-    raise_on_demand(&mut graph, &args.model, args.no_raise, "evaluation")?;
-    match &args.run {
-        Some(run) => {
-            lcc::merge::apply_run(&mut graph, run)?;
-        }
-        None => lcc::merge::apply(
-            &mut graph,
-            args.adapter.as_deref(),
-            args.trainable.as_deref(),
-        )?,
-    }
-    let vocab = vocab_size(&graph).ok_or_else(|| {
-        anyhow::anyhow!(
-            "cannot tell the vocabulary size of {} (no logits output of known shape)",
-            args.model.display()
-        )
-    })?;
-    let dir = args.model.is_dir().then_some(args.model.as_path());
-    let tokenizer = Tokenizer::for_model(dir, vocab, dir.and_then(config_eos))?;
-    Ok((graph, tokenizer))
+    let m = lcc::train::eval::EvalModel {
+        model: &args.model,
+        run: args.run.as_deref(),
+        adapter: args.adapter.as_deref(),
+        trainable: args.trainable.as_deref(),
+        no_raise: args.no_raise,
+    };
+    Ok(lcc::train::eval::load_for_eval(&m, &mut |n| {
+        eprintln!("{n}")
+    })?)
 }
 
 /// Loads a model, warning on stderr about tensors its config does not use.
@@ -1205,45 +1194,12 @@ fn load_model(path: &Path) -> lcc::Result<ir::Graph> {
     Ok(graph)
 }
 
-/// Raises a torch ONNX export to LLaMA-level ops when `what` needs them,
-/// saying so in one line; with `no_raise` such a graph is an error.
+/// [`model::raise_on_demand`], printing its note on stderr.
 fn raise_on_demand(graph: &mut ir::Graph, path: &Path, no_raise: bool, what: &str) -> Result<()> {
-    if no_raise && !passes::is_llama_level(graph) {
-        bail!(
-            "{} holds primitive ONNX ops (a torch export) and {what} needs LLaMA-level ops; drop --no-raise to raise it first",
-            path.display()
-        );
-    }
-    if let Some(report) = passes::ensure_llama_level(graph, what)
-        .with_context(|| format!("raising {} to LLaMA-level ops", path.display()))?
-    {
-        eprintln!("{}", report.summary_line());
+    if let Some(line) = model::raise_on_demand(graph, path, no_raise, what)? {
+        eprintln!("{line}");
     }
     Ok(())
-}
-
-/// The last dimension of the logits output.
-fn vocab_size(graph: &ir::Graph) -> Option<usize> {
-    let v = graph
-        .outputs
-        .iter()
-        .find(|(n, _)| n == "logits")
-        .or(graph.outputs.first())?
-        .1;
-    match graph.value_type(v)?.shape.as_ref()?.last()? {
-        ir::Dim::Fixed(n) => Some(*n as usize),
-        ir::Dim::Sym(_) => None,
-    }
-}
-
-/// `eos_token_id` from a Hugging Face config.json (the first of a list).
-fn config_eos(dir: &Path) -> Option<u32> {
-    let text =
-        lcc::util::read_text_capped(&dir.join("config.json"), lcc::util::MAX_TEXT_BYTES).ok()?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let eos = cfg.get("eos_token_id")?;
-    let id = eos.as_u64().or_else(|| eos.as_array()?.first()?.as_u64())?;
-    u32::try_from(id).ok()
 }
 
 #[allow(clippy::too_many_arguments)]

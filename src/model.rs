@@ -76,6 +76,45 @@ pub fn load(path: &Path) -> Result<Graph> {
     }
 }
 
+/// Raises a torch ONNX export to LLaMA-level ops when `what` needs them and
+/// returns the one-line note saying so; with `no_raise` such a graph is an
+/// error.
+pub fn raise_on_demand(
+    graph: &mut Graph,
+    path: &Path,
+    no_raise: bool,
+    what: &str,
+) -> Result<Option<String>> {
+    if no_raise && !crate::passes::is_llama_level(graph) {
+        return Err(Error::invalid(format!(
+            "{} holds primitive ONNX ops (a torch export) and {what} needs LLaMA-level ops; drop --no-raise to raise it first",
+            path.display()
+        )));
+    }
+    let report = crate::passes::ensure_llama_level(graph, what).map_err(|e| {
+        Error::invalid(format!(
+            "raising {} to LLaMA-level ops: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(report.map(|r| r.summary_line()))
+}
+
+/// The vocabulary: the last dimension of the logits output (else of the
+/// only output), when it is known.
+pub fn vocab_size(graph: &Graph) -> Option<usize> {
+    let v = graph
+        .outputs
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .or(graph.outputs.first())?
+        .1;
+    match graph.value_type(v)?.shape.as_ref()?.last()? {
+        Dim::Fixed(n) => usize::try_from(*n).ok(),
+        Dim::Sym(_) => None,
+    }
+}
+
 /// Writes `graph` as ONNX (`*.onnx`) or as a Hugging Face directory.
 pub fn save(graph: &Graph, path: &Path, onnx_options: &onnx::ExportOptions) -> Result<Format> {
     let format = output_format(path);

@@ -183,6 +183,94 @@ pub struct OnnxAttentionAttrs {
     pub num_outputs: usize,
 }
 
+/// The pattern of every [`OpLevel::Boundary`] op.
+#[macro_export]
+macro_rules! boundary_ops {
+    () => {
+        $crate::ir::Op::Input | $crate::ir::Op::Weight { .. } | $crate::ir::Op::Constant { .. }
+    };
+}
+
+/// The pattern of every [`OpLevel::Onnx`] op.
+#[macro_export]
+macro_rules! onnx_ops {
+    () => {
+        $crate::ir::Op::Unary(_)
+            | $crate::ir::Op::Binary(_)
+            | $crate::ir::Op::Variadic(_)
+            | $crate::ir::Op::Where
+            | $crate::ir::Op::MatMul
+            | $crate::ir::Op::Gemm { .. }
+            | $crate::ir::Op::Softmax { .. }
+            | $crate::ir::Op::LogSoftmax { .. }
+            | $crate::ir::Op::Reduce { .. }
+            | $crate::ir::Op::Reshape { .. }
+            | $crate::ir::Op::Transpose { .. }
+            | $crate::ir::Op::Concat { .. }
+            | $crate::ir::Op::Slice
+            | $crate::ir::Op::Gather { .. }
+            | $crate::ir::Op::GatherNd { .. }
+            | $crate::ir::Op::Unsqueeze { .. }
+            | $crate::ir::Op::Squeeze { .. }
+            | $crate::ir::Op::Expand
+            | $crate::ir::Op::Range
+            | $crate::ir::Op::Shape { .. }
+            | $crate::ir::Op::Size
+            | $crate::ir::Op::Cast { .. }
+            | $crate::ir::Op::ConstantOfShape { .. }
+            | $crate::ir::Op::Trilu { .. }
+            | $crate::ir::Op::CumSum { .. }
+            | $crate::ir::Op::Split { .. }
+            | $crate::ir::Op::Identity
+            | $crate::ir::Op::RmsNormalization { .. }
+            | $crate::ir::Op::RotaryEmbedding { .. }
+            | $crate::ir::Op::OnnxAttention(_)
+    };
+}
+
+/// The pattern of every [`OpLevel::Llama`] op.
+#[macro_export]
+macro_rules! llama_ops {
+    () => {
+        $crate::ir::Op::Embedding
+            | $crate::ir::Op::RmsNorm { .. }
+            | $crate::ir::Op::Rope(_)
+            | $crate::ir::Op::Attention(_)
+            | $crate::ir::Op::Linear
+            | $crate::ir::Op::SwiGlu
+            | $crate::ir::Op::LoraLinear(_)
+    };
+}
+
+/// The pattern of every [`OpLevel::Training`] op.
+#[macro_export]
+macro_rules! training_ops {
+    () => {
+        $crate::ir::Op::CrossEntropy { .. }
+            | $crate::ir::Op::CrossEntropyGrad { .. }
+            | $crate::ir::Op::AttentionFwd(_)
+            | $crate::ir::Op::AttentionGrad(_)
+            | $crate::ir::Op::RmsNormGrad { .. }
+            | $crate::ir::Op::RopeGrad(_)
+            | $crate::ir::Op::SwiGluGrad
+            | $crate::ir::Op::EmbeddingGrad
+            | $crate::ir::Op::LinearGradWeight
+    };
+}
+
+/// The levels that share one graph (see [`Op::level`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpLevel {
+    /// Inputs, weights and constants.
+    Boundary,
+    /// ONNX primitives, as importers produce them.
+    Onnx,
+    /// The LLaMA forward's ops, as the HF builder and `raise` produce them.
+    Llama,
+    /// Loss and backward ops, made by `autodiff`.
+    Training,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     // --- graph boundary ---------------------------------------------------
@@ -439,21 +527,25 @@ impl Op {
     }
 
     /// True for the LLaMA-level ops (which ONNX export must lower).
-    pub fn is_llama_level(&self) -> bool {
-        matches!(
-            self,
-            Op::Embedding
-                | Op::RmsNorm { .. }
-                | Op::Rope(_)
-                | Op::Attention(_)
-                | Op::Linear
-                | Op::SwiGlu
-                | Op::LoraLinear(_)
-        )
+    /// Which of the graph's levels the op belongs to: the one definition
+    /// every level predicate reads. The level patterns are macros
+    /// ([`boundary_ops!`], [`onnx_ops!`], [`llama_ops!`], [`training_ops!`])
+    /// so that per-op tables can match a whole level; this match is
+    /// exhaustive, so a new op does not compile until it joins one.
+    pub fn level(&self) -> OpLevel {
+        match self {
+            crate::boundary_ops!() => OpLevel::Boundary,
+            crate::onnx_ops!() => OpLevel::Onnx,
+            crate::llama_ops!() => OpLevel::Llama,
+            crate::training_ops!() => OpLevel::Training,
+        }
     }
 
-    /// Allowed number of input ports (min, max). Optional trailing inputs
-    /// may be absent; `usize::MAX` means variadic.
+    /// An op of the LLaMA forward that ONNX has no single op for.
+    pub fn is_llama_level(&self) -> bool {
+        self.level() == OpLevel::Llama
+    }
+
     pub fn arity(&self) -> (usize, usize) {
         match self {
             Op::Input | Op::Weight { .. } | Op::Constant { .. } => (0, 0),
@@ -500,18 +592,7 @@ impl Op {
     /// True for the loss and backward ops, which only `autodiff` makes and
     /// which no exporter writes.
     pub fn is_training(&self) -> bool {
-        matches!(
-            self,
-            Op::CrossEntropy { .. }
-                | Op::CrossEntropyGrad { .. }
-                | Op::AttentionFwd(_)
-                | Op::AttentionGrad(_)
-                | Op::RmsNormGrad { .. }
-                | Op::RopeGrad(_)
-                | Op::SwiGluGrad
-                | Op::EmbeddingGrad
-                | Op::LinearGradWeight
-        )
+        self.level() == OpLevel::Training
     }
 
     /// Number of outputs.

@@ -479,7 +479,68 @@ impl Backward<'_> {
                 Ok(())
             }
             Op::MatMul => self.matmul_rule(&fwd, dy),
-            other => Err(Error::invalid(format!(
+            // Handled above: no gradient flows past the graph's boundary.
+            Op::Input | Op::Weight { .. } | Op::Constant { .. } => Ok(()),
+            // No rule: every op is listed, so that a new op does not compile
+            // until it has a rule or is named here.
+            other @ (Op::Unary(
+                UnaryOp::Sqrt
+                | UnaryOp::Reciprocal
+                | UnaryOp::Exp
+                | UnaryOp::Log
+                | UnaryOp::Tanh
+                | UnaryOp::Sigmoid
+                | UnaryOp::Cos
+                | UnaryOp::Sin
+                | UnaryOp::Erf
+                | UnaryOp::Abs
+                | UnaryOp::Relu
+                | UnaryOp::Floor
+                | UnaryOp::Ceil
+                | UnaryOp::Not,
+            )
+            | Op::Binary(
+                BinaryOp::Pow
+                | BinaryOp::Equal
+                | BinaryOp::Less
+                | BinaryOp::LessOrEqual
+                | BinaryOp::Greater
+                | BinaryOp::GreaterOrEqual
+                | BinaryOp::And
+                | BinaryOp::Or,
+            )
+            | Op::Variadic(_)
+            | Op::Where
+            | Op::Gemm { .. }
+            | Op::Softmax { .. }
+            | Op::LogSoftmax { .. }
+            | Op::Reduce { .. }
+            | Op::Concat { .. }
+            | Op::Slice
+            | Op::Gather { .. }
+            | Op::GatherNd { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Squeeze { .. }
+            | Op::Expand
+            | Op::Range
+            | Op::Shape { .. }
+            | Op::Size
+            | Op::ConstantOfShape { .. }
+            | Op::Trilu { .. }
+            | Op::CumSum { .. }
+            | Op::Split { .. }
+            | Op::RmsNormalization { .. }
+            | Op::RotaryEmbedding { .. }
+            | Op::OnnxAttention(_)
+            | Op::Attention(_)
+            | Op::CrossEntropy { .. }
+            | Op::CrossEntropyGrad { .. }
+            | Op::AttentionGrad(_)
+            | Op::RmsNormGrad { .. }
+            | Op::RopeGrad(_)
+            | Op::SwiGluGrad
+            | Op::EmbeddingGrad
+            | Op::LinearGradWeight) => Err(Error::invalid(format!(
                 "autodiff: node '{}' ({}) lies on the gradient path but autodiff has no rule for it; \
                  run the raise pass first so that the model is made of LLaMA-level ops",
                 fwd.name,

@@ -129,19 +129,95 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// The passes lcc knows: name and a one-line description.
-pub const REGISTRY: &[(&str, &str)] = &[
-    ("raise", "finds LLaMA structure in primitive ONNX graphs and raises it to LLaMA-level ops"),
-    ("pi", "RoPE position interpolation (linear) and the dynamic, yarn and llama3 scalings"),
-    ("s2attn", "shifted sparse attention (LongLoRA S²-Attn) for training; inference: true restores full attention"),
-    ("lora", "adds LoRA branches (PEFT names and init) to the target projections"),
-    ("trainable", "marks weights trainable by pattern (default: embed, norm); freezes the rest"),
-    ("merge-lora", "folds LoRA branches into the base weights"),
-    ("fold", "constant folding: evaluates nodes whose inputs are all constants"),
-    ("cse", "common subexpression elimination: merges identical nodes"),
-    ("dce", "dead code elimination: drops nodes no output needs"),
-    ("autodiff", "training step: cross-entropy loss on new input labels, and the gradient of every trainable weight as outputs"),
+/// A pass lcc knows: its name, a one-line description, and how to make it
+/// from its options.
+pub struct PassEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    make: fn(&PassSpec) -> Result<Box<dyn Pass>>,
+}
+
+/// Makes a pass whose constructor cannot fail.
+fn boxed<P: Pass + 'static, O: DeserializeOwned>(
+    spec: &PassSpec,
+    new: impl FnOnce(O) -> P,
+) -> Result<Box<dyn Pass>> {
+    Ok(Box::new(new(parse_options(&spec.name, &spec.options)?)))
+}
+
+/// Makes a pass whose constructor validates its options.
+fn checked<P: Pass + 'static, O: DeserializeOwned>(
+    spec: &PassSpec,
+    new: impl FnOnce(O) -> Result<P>,
+) -> Result<Box<dyn Pass>> {
+    Ok(Box::new(new(parse_options(&spec.name, &spec.options)?)?))
+}
+
+/// The passes lcc knows: the one list that `create`, `lcc passes` and the
+/// recipe checks read.
+pub const REGISTRY: &[PassEntry] = &[
+    PassEntry {
+        name: "raise",
+        about: "finds LLaMA structure in primitive ONNX graphs and raises it to LLaMA-level ops",
+        make: |s| boxed(s, raise::Raise::new),
+    },
+    PassEntry {
+        name: "pi",
+        about: "RoPE position interpolation (linear) and the dynamic, yarn and llama3 scalings",
+        make: |s| checked(s, pi::PositionInterpolation::new),
+    },
+    PassEntry {
+        name: "s2attn",
+        about: "shifted sparse attention (LongLoRA S²-Attn) for training; inference: true restores full attention",
+        make: |s| checked(s, s2attn::ShiftedSparseAttention::new),
+    },
+    PassEntry {
+        name: "lora",
+        about: "adds LoRA branches (PEFT names and init) to the target projections",
+        make: |s| boxed(s, lora::Lora::new),
+    },
+    PassEntry {
+        name: "trainable",
+        about: "marks weights trainable by pattern (default: embed, norm); freezes the rest",
+        make: |s| boxed(s, trainable::Trainable::new),
+    },
+    PassEntry {
+        name: "merge-lora",
+        about: "folds LoRA branches into the base weights",
+        make: |s| boxed(s, merge_lora::MergeLora::new),
+    },
+    PassEntry {
+        name: "fold",
+        about: "constant folding: evaluates nodes whose inputs are all constants",
+        make: |s| boxed(s, fold::ConstantFolding::new),
+    },
+    PassEntry {
+        name: "cse",
+        about: "common subexpression elimination: merges identical nodes",
+        make: |s| boxed(s, cse::CommonSubexpressionElimination::new),
+    },
+    PassEntry {
+        name: "dce",
+        about: "dead code elimination: drops nodes no output needs",
+        make: |s| boxed(s, dce::DeadCodeElimination::new),
+    },
+    PassEntry {
+        name: "autodiff",
+        about: "training step: cross-entropy loss on new input labels, and the gradient of every trainable weight as outputs",
+        make: |s| boxed(s, autodiff::Autodiff::new),
+    },
 ];
+
+/// The registry entry of `name`, or an error listing the known passes.
+pub fn lookup(name: &str) -> Result<&'static PassEntry> {
+    REGISTRY.iter().find(|e| e.name == name).ok_or_else(|| {
+        let known: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
+        Error::invalid(format!(
+            "unknown pass '{name}'; lcc knows: {}",
+            known.join(", ")
+        ))
+    })
+}
 
 /// One pass of a pipeline with its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -159,32 +235,7 @@ pub fn parse_options<T: DeserializeOwned>(pass: &str, options: &Map<String, Valu
 
 /// Instantiates a pass from its spec.
 pub fn create(spec: &PassSpec) -> Result<Box<dyn Pass>> {
-    let o = &spec.options;
-    Ok(match spec.name.as_str() {
-        "raise" => Box::new(raise::Raise::new(parse_options(&spec.name, o)?)),
-        "pi" => Box::new(pi::PositionInterpolation::new(parse_options(
-            &spec.name, o,
-        )?)?),
-        "s2attn" => Box::new(s2attn::ShiftedSparseAttention::new(parse_options(
-            &spec.name, o,
-        )?)?),
-        "lora" => Box::new(lora::Lora::new(parse_options(&spec.name, o)?)),
-        "trainable" => Box::new(trainable::Trainable::new(parse_options(&spec.name, o)?)),
-        "merge-lora" => Box::new(merge_lora::MergeLora::new(parse_options(&spec.name, o)?)),
-        "fold" => Box::new(fold::ConstantFolding::new(parse_options(&spec.name, o)?)),
-        "cse" => Box::new(cse::CommonSubexpressionElimination::new(parse_options(
-            &spec.name, o,
-        )?)),
-        "dce" => Box::new(dce::DeadCodeElimination::new(parse_options(&spec.name, o)?)),
-        "autodiff" => Box::new(autodiff::Autodiff::new(parse_options(&spec.name, o)?)),
-        other => {
-            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
-            return Err(Error::invalid(format!(
-                "unknown pass '{other}'; lcc knows: {}",
-                known.join(", ")
-            )));
-        }
-    })
+    (lookup(&spec.name)?.make)(spec)
 }
 
 /// The recipes in `passes/`, built in.
@@ -323,14 +374,7 @@ impl Pipeline {
 
     fn check_names(&self) -> Result<()> {
         for p in &self.passes {
-            if !REGISTRY.iter().any(|(n, _)| *n == p.name) {
-                let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
-                return Err(Error::invalid(format!(
-                    "unknown pass '{}'; lcc knows: {}",
-                    p.name,
-                    known.join(", ")
-                )));
-            }
+            lookup(&p.name)?;
         }
         Ok(())
     }

@@ -252,6 +252,60 @@ pub fn plot_ppl_svg(results: &[PplResult], file: &Path, title: &str) -> Result<(
     Ok(())
 }
 
+/// The model an evaluation (perplexity, passkey, generation) runs: a base
+/// model, with a run's adapter and trainable weights, or given ones.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalModel<'a> {
+    pub model: &'a Path,
+    /// A `run-train` output dir: its pi, adapter and trainable weights.
+    pub run: Option<&'a Path>,
+    pub adapter: Option<&'a Path>,
+    pub trainable: Option<&'a Path>,
+    /// Refuse a primitive graph instead of raising it.
+    pub no_raise: bool,
+}
+
+/// Loads the model for evaluation — raised to LLaMA ops when it is an ONNX
+/// export, with the run's or the given adapter and trainable params applied
+/// — and its tokenizer. Warnings and notes (unused tensors, an automatic
+/// raise) go to `note`.
+pub fn load_for_eval(m: &EvalModel, note: &mut dyn FnMut(&str)) -> Result<(Graph, Tokenizer)> {
+    let mut graph = crate::model::load(m.model)?;
+    if let Some(w) = crate::model::unused_tensors_warning(&graph, m.model) {
+        note(&w);
+    }
+    if let Some(line) =
+        crate::model::raise_on_demand(&mut graph, m.model, m.no_raise, "evaluation")?
+    {
+        note(&line);
+    }
+    match m.run {
+        Some(run) => {
+            crate::merge::apply_run(&mut graph, run)?;
+        }
+        None => crate::merge::apply(&mut graph, m.adapter, m.trainable)?,
+    }
+    let vocab = crate::model::vocab_size(&graph).ok_or_else(|| {
+        Error::invalid(format!(
+            "cannot tell the vocabulary size of {} (no logits output of known shape)",
+            m.model.display()
+        ))
+    })?;
+    let dir = m.model.is_dir().then_some(m.model);
+    let tokenizer = Tokenizer::for_model(dir, vocab, dir.and_then(config_eos))?;
+    Ok((graph, tokenizer))
+}
+
+/// `eos_token_id` from a Hugging Face config.json (the first of a list).
+fn config_eos(dir: &Path) -> Option<u32> {
+    let text = crate::util::read_text_capped(&dir.join("config.json"), crate::util::MAX_TEXT_BYTES)
+        .ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let eos = cfg.get("eos_token_id")?;
+    let id = eos.as_u64().or_else(|| eos.as_array()?.first()?.as_u64())?;
+    u32::try_from(id).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -383,32 +383,6 @@ pub fn gemm_strided<T: Real>(
     }
 }
 
-/// numpy broadcasting of two shapes.
-pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let r = a.len().max(b.len());
-    let mut out = vec![0; r];
-    for (i, o) in out.iter_mut().enumerate() {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
-        *o = if da == db || db == 1 {
-            da
-        } else if da == 1 {
-            db
-        } else {
-            return None;
-        };
-    }
-    Some(out)
-}
-
 /// Element strides of `shape` (row-major) seen through a broadcast to `target`
 /// (right-aligned; broadcast dims get stride 0).
 pub fn broadcast_strides(shape: &[usize], target: &[usize]) -> Vec<usize> {
@@ -488,7 +462,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
         ));
     }
     let (a_batch, b_batch) = (&a_shape[..ra - 2], &b_shape[..rb - 2]);
-    let batch = broadcast_shapes(a_batch, b_batch).ok_or_else(|| {
+    let batch = super::layout::broadcast_shapes(a_batch, b_batch).map_err(|_| {
         format!(
             "MatMul batch dimensions do not broadcast: {:?} and {:?}",
             a.shape, b.shape
@@ -872,7 +846,9 @@ mod tests {
         };
         let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
         let n = b2[b2.len() - 1];
-        let batch = broadcast_shapes(&a2[..a2.len() - 2], &b2[..b2.len() - 2]).unwrap();
+        let batch =
+            crate::runtime::cpu::layout::broadcast_shapes(&a2[..a2.len() - 2], &b2[..b2.len() - 2])
+                .unwrap();
         let nb: usize = batch.iter().product();
         let index = |shape: &[usize], bi: usize| -> usize {
             // Row-major batch offset of broadcast index bi into `shape`.

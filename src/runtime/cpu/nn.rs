@@ -30,15 +30,7 @@ fn min_rows(row_len: usize) -> usize {
 }
 
 fn norm_axis(axis: i64, rank: usize, op: &str) -> Result<usize, String> {
-    let r = rank as i64;
-    if axis < -r || axis >= r {
-        return Err(format!(
-            "{op} axis {axis} is out of range for a rank-{rank} input (allowed {}..{})",
-            -r,
-            r - 1
-        ));
-    }
-    Ok(if axis < 0 { axis + r } else { axis } as usize)
+    super::layout::norm_axis(axis, rank, &format!("{op} axis"))
 }
 
 fn float_kind_error(op: &str, what: &str, t: &Tensor) -> String {
@@ -401,7 +393,7 @@ pub fn rms_normalization(
     }
     let ax = norm_axis(axis, x.rank(), OP)?;
     let row: usize = x.shape[ax..].iter().product();
-    let ok = super::linalg::broadcast_shapes(&x.shape, &scale.shape).is_some_and(|s| s == x.shape);
+    let ok = super::layout::broadcast_shapes(&x.shape, &scale.shape).is_ok_and(|s| s == x.shape);
     if !ok {
         return Err(format!(
             "{OP} scale of shape {:?} does not broadcast to the input's shape {:?}",
