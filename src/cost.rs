@@ -251,33 +251,9 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
             // op by op so that a new LLaMA-level op does not compile until
             // it is counted or listed here.
             Op::Rope(_) | Op::SwiGlu | crate::boundary_ops!() | crate::training_ops!() => continue,
-            Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Variadic(_)
-            | Op::Where
-            | Op::MatMul
-            | Op::Gemm { .. }
-            | Op::Softmax { .. }
-            | Op::LogSoftmax { .. }
-            | Op::Reduce { .. }
-            | Op::Reshape { .. }
-            | Op::Transpose { .. }
-            | Op::Concat { .. }
-            | Op::Slice
-            | Op::Gather { .. }
-            | Op::GatherNd { .. }
-            | Op::Unsqueeze { .. }
-            | Op::Squeeze { .. }
-            | Op::Expand
-            | Op::Range
-            | Op::Shape { .. }
-            | Op::Size
-            | Op::Cast { .. }
-            | Op::ConstantOfShape { .. }
-            | Op::Trilu { .. }
-            | Op::CumSum { .. }
-            | Op::Split { .. }
-            | Op::Identity
+            crate::onnx_elementwise_ops!()
+            | crate::onnx_math_ops!()
+            | crate::onnx_shape_ops!()
             | Op::RotaryEmbedding { .. }
             | Op::OnnxAttention(_) => continue,
         };

@@ -191,20 +191,39 @@ macro_rules! boundary_ops {
     };
 }
 
-/// The pattern of every [`OpLevel::Onnx`] op.
+/// ONNX elementwise ops that keep their input's shape or broadcast.
 #[macro_export]
-macro_rules! onnx_ops {
+macro_rules! onnx_elementwise_ops {
     () => {
         $crate::ir::Op::Unary(_)
             | $crate::ir::Op::Binary(_)
-            | $crate::ir::Op::Variadic(_)
+            | $crate::ir::Op::Cast { .. }
+            | $crate::ir::Op::Identity
+    };
+}
+
+/// ONNX ops that compute across elements: matrix products, reductions,
+/// softmaxes, selections.
+#[macro_export]
+macro_rules! onnx_math_ops {
+    () => {
+        $crate::ir::Op::Variadic(_)
             | $crate::ir::Op::Where
             | $crate::ir::Op::MatMul
             | $crate::ir::Op::Gemm { .. }
             | $crate::ir::Op::Softmax { .. }
             | $crate::ir::Op::LogSoftmax { .. }
             | $crate::ir::Op::Reduce { .. }
-            | $crate::ir::Op::Reshape { .. }
+            | $crate::ir::Op::Trilu { .. }
+            | $crate::ir::Op::CumSum { .. }
+    };
+}
+
+/// ONNX ops that move, index or make shapes and indices.
+#[macro_export]
+macro_rules! onnx_shape_ops {
+    () => {
+        $crate::ir::Op::Reshape { .. }
             | $crate::ir::Op::Transpose { .. }
             | $crate::ir::Op::Concat { .. }
             | $crate::ir::Op::Slice
@@ -216,15 +235,29 @@ macro_rules! onnx_ops {
             | $crate::ir::Op::Range
             | $crate::ir::Op::Shape { .. }
             | $crate::ir::Op::Size
-            | $crate::ir::Op::Cast { .. }
             | $crate::ir::Op::ConstantOfShape { .. }
-            | $crate::ir::Op::Trilu { .. }
-            | $crate::ir::Op::CumSum { .. }
             | $crate::ir::Op::Split { .. }
-            | $crate::ir::Op::Identity
-            | $crate::ir::Op::RmsNormalization { .. }
+    };
+}
+
+/// The opset-23 ONNX ops of a transformer (RMSNorm, RoPE, Attention).
+#[macro_export]
+macro_rules! onnx_transformer_ops {
+    () => {
+        $crate::ir::Op::RmsNormalization { .. }
             | $crate::ir::Op::RotaryEmbedding { .. }
             | $crate::ir::Op::OnnxAttention(_)
+    };
+}
+
+/// The pattern of every [`OpLevel::Onnx`] op.
+#[macro_export]
+macro_rules! onnx_ops {
+    () => {
+        $crate::onnx_elementwise_ops!()
+            | $crate::onnx_math_ops!()
+            | $crate::onnx_shape_ops!()
+            | $crate::onnx_transformer_ops!()
     };
 }
 

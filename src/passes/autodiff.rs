@@ -515,6 +515,8 @@ impl Backward<'_> {
             | Op::Softmax { .. }
             | Op::LogSoftmax { .. }
             | Op::Reduce { .. }
+            | Op::Trilu { .. }
+            | Op::CumSum { .. }
             | Op::Concat { .. }
             | Op::Slice
             | Op::Gather { .. }
@@ -526,12 +528,8 @@ impl Backward<'_> {
             | Op::Shape { .. }
             | Op::Size
             | Op::ConstantOfShape { .. }
-            | Op::Trilu { .. }
-            | Op::CumSum { .. }
             | Op::Split { .. }
-            | Op::RmsNormalization { .. }
-            | Op::RotaryEmbedding { .. }
-            | Op::OnnxAttention(_)
+            | crate::onnx_transformer_ops!()
             | Op::Attention(_)
             | Op::CrossEntropy { .. }
             | Op::CrossEntropyGrad { .. }

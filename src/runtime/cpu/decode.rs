@@ -157,34 +157,12 @@ impl<'g> DecodeSession<'g> {
                     }
                     caches.insert(n, Cache::empty());
                 }
-                // Every other op, by name, so that a new one does not compile
-                // until it is decided whether decoding supports it.
-                other @ (Op::Variadic(_)
-                | Op::Where
-                | Op::MatMul
-                | Op::Gemm { .. }
-                | Op::Softmax { .. }
-                | Op::LogSoftmax { .. }
-                | Op::Reduce { .. }
-                | Op::Reshape { .. }
-                | Op::Transpose { .. }
-                | Op::Concat { .. }
-                | Op::Slice
-                | Op::Gather { .. }
-                | Op::GatherNd { .. }
-                | Op::Unsqueeze { .. }
-                | Op::Squeeze { .. }
-                | Op::Expand
-                | Op::Range
-                | Op::Shape { .. }
-                | Op::Size
-                | Op::ConstantOfShape { .. }
-                | Op::Trilu { .. }
-                | Op::CumSum { .. }
-                | Op::Split { .. }
-                | Op::RmsNormalization { .. }
-                | Op::RotaryEmbedding { .. }
-                | Op::OnnxAttention(_)
+                // Every other op, by group: a new op of these groups is
+                // refused here, and a new LLaMA-level op does not compile
+                // until decoding handles or refuses it.
+                other @ (crate::onnx_math_ops!()
+                | crate::onnx_shape_ops!()
+                | crate::onnx_transformer_ops!()
                 | crate::training_ops!()) => {
                     return Err(fail(format!(
                         "a decode session runs LLaMA-level graphs (Embedding, RmsNorm, Linear, Rope, Attention, SwiGlu); {} is not one of their ops. Raise an ONNX export with the `raise` pass first",
