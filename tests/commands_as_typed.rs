@@ -53,10 +53,6 @@ fn export(name: &str) -> String {
     tiny().join(name).to_string_lossy().into_owned()
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// max |a − b| / max |b|.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.to_f64_vec().iter().fold(0.0f64, |m, x| m.max(x.abs()));
@@ -241,10 +237,9 @@ fn run_losses(model: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<f64> 
     ];
     args.extend_from_slice(extra);
     ok(&args);
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+    metrics_lines(out)
+        .iter()
+        .filter_map(|v| v["loss"].as_f64())
         .collect()
 }
 

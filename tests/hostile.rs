@@ -8,10 +8,6 @@ use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Exit code 2 (no panic: 101; no abort: a signal) with every needle in the
 /// output, within `secs` seconds.
 fn refused_within(args: &[&str], needles: &[&str], secs: u64) {
@@ -80,10 +76,9 @@ fn train<'a>(data: &'a str, out: &'a str, steps: &'a str, extra: &[&'a str]) -> 
 }
 
 fn metrics_steps(out: &Path) -> Vec<u64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64())
+    metrics_lines(out)
+        .iter()
+        .filter_map(|v| v["step"].as_u64())
         .collect()
 }
 

@@ -53,10 +53,9 @@ fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -
 
 /// (step, loss, lr, grad_norm) of every metrics line, as their exact bits.
 fn metrics(out: &Path) -> Vec<(u64, u64, u64, u64)> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    metrics_lines(out)
+        .into_iter()
+        .map(|v| {
             for key in [
                 "step",
                 "loss",
@@ -66,7 +65,7 @@ fn metrics(out: &Path) -> Vec<(u64, u64, u64, u64)> {
                 "tokens_per_s",
                 "elapsed_s",
             ] {
-                assert!(v.get(key).is_some(), "metrics line lacks {key}: {l}");
+                assert!(v.get(key).is_some(), "metrics line lacks {key}: {v}");
             }
             let f = |k: &str| v[k].as_f64().unwrap().to_bits();
             (

@@ -135,3 +135,17 @@ pub fn generated_text(dir: &Path) -> PathBuf {
     std::fs::write(&path, body).unwrap();
     path
 }
+
+/// A path as the `&str` an argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every line of a run directory's `metrics.jsonl`, parsed.
+pub fn metrics_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -59,6 +59,28 @@ fn append_rows(cache: &mut Tensor, new: &Tensor) -> std::result::Result<(), Stri
     Ok(())
 }
 
+/// [`DecodeSession::bytes_per_token`] of a graph with these caches.
+fn token_bytes(graph: &Graph, caches: &HashMap<NodeIndex, Cache>, output: Value) -> u128 {
+    let elem = 4u128; // f32 and narrower compute in f32 buffers
+    let kv: u128 = caches
+        .keys()
+        .map(|&n| match &graph.node(n).op {
+            Op::Attention(a) => 2 * (a.num_kv_heads * a.head_dim) as u128 * elem,
+            _ => 0,
+        })
+        .sum();
+    let out = graph.node(output.node).outputs[output.slot]
+        .ty
+        .as_ref()
+        .and_then(|t| t.shape.as_ref())
+        .and_then(|s| match s.last() {
+            Some(crate::ir::Dim::Fixed(w)) => Some(u128::from(*w) * elem),
+            _ => None,
+        })
+        .unwrap_or(0);
+    kv + out
+}
+
 /// Incremental forward over one sequence (batch 1).
 ///
 /// ```ignore
@@ -76,6 +98,8 @@ pub struct DecodeSession<'g> {
     /// By Attention node.
     caches: HashMap<NodeIndex, Cache>,
     len: usize,
+    /// See [`DecodeSession::bytes_per_token`].
+    token_bytes: u128,
 }
 
 impl<'g> DecodeSession<'g> {
@@ -171,6 +195,7 @@ impl<'g> DecodeSession<'g> {
                 }
             }
         }
+        let token_bytes = token_bytes(graph, &caches, output);
         Ok(DecodeSession {
             graph,
             sched,
@@ -178,31 +203,14 @@ impl<'g> DecodeSession<'g> {
             weights,
             caches,
             len: 0,
+            token_bytes,
         })
     }
 
     /// Bytes one more token costs: its K and V rows in every cache, and its
     /// row of the output (when the output's width is known).
     pub fn bytes_per_token(&self) -> u128 {
-        let elem = 4u128; // f32 and narrower compute in f32 buffers
-        let kv: u128 = self
-            .caches
-            .keys()
-            .map(|&n| match &self.graph.node(n).op {
-                Op::Attention(a) => 2 * (a.num_kv_heads * a.head_dim) as u128 * elem,
-                _ => 0,
-            })
-            .sum();
-        let out = self.graph.node(self.output.node).outputs[self.output.slot]
-            .ty
-            .as_ref()
-            .and_then(|t| t.shape.as_ref())
-            .and_then(|s| match s.last() {
-                Some(crate::ir::Dim::Fixed(w)) => Some(u128::from(*w) * elem),
-                _ => None,
-            })
-            .unwrap_or(0);
-        kv + out
+        self.token_bytes
     }
 
     /// Refuses, before anything is allocated, a sequence of `tokens` tokens
@@ -236,8 +244,9 @@ impl<'g> DecodeSession<'g> {
         if tokens.is_empty() {
             return Err(Error::invalid("feed at least one token"));
         }
+        // What this call adds (the tokens fed before are allocated already).
         self.check_room(
-            self.len + tokens.len(),
+            tokens.len(),
             &format!("decoding {} tokens after {}", tokens.len(), self.len),
         )?;
         let result = self.step(tokens);
