@@ -150,16 +150,36 @@ impl Counter<'_> {
             .and_then(|v| self.graph.value_type(v))
             .and_then(|t| t.shape.as_ref());
         match dims {
-            Some(d) if !d.is_empty() => d[..d.len() - 1]
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n as u128,
-                    Dim::Sym(s) if s.contains("batch") => self.batch,
-                    Dim::Sym(_) => self.seq_len,
-                })
-                .product(),
+            Some(d) if !d.is_empty() => d[..d.len() - 1].iter().map(|d| self.dim_size(d)).product(),
             _ => self.batch * self.seq_len,
         }
+    }
+
+    /// A dim's size with its symbols bound as the batch (`batch…`) or the
+    /// sequence (anything else); an unknown dim counts as the sequence.
+    fn dim_size(&self, d: &Dim) -> u128 {
+        let Some(e) = d.expr() else {
+            return self.seq_len;
+        };
+        let bind = |s: &str| {
+            if s.contains("batch") {
+                self.batch
+            } else {
+                self.seq_len
+            }
+        };
+        let bindings: std::collections::BTreeMap<String, usize> = e
+            .symbols()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    usize::try_from(bind(s)).unwrap_or(usize::MAX),
+                )
+            })
+            .collect();
+        e.eval(&bindings)
+            .and_then(|v| u128::try_from(v).ok())
+            .unwrap_or(self.seq_len)
     }
 
     /// The role of a Linear-like node: from its weight's name, else its own.

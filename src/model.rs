@@ -109,10 +109,8 @@ pub fn vocab_size(graph: &Graph) -> Option<usize> {
         .find(|(n, _)| n == "logits")
         .or(graph.outputs.first())?
         .1;
-    match graph.value_type(v)?.shape.as_ref()?.last()? {
-        Dim::Fixed(n) => usize::try_from(*n).ok(),
-        Dim::Sym(_) => None,
-    }
+    let n = graph.value_type(v)?.shape.as_ref()?.last()?.fixed()?;
+    usize::try_from(n).ok()
 }
 
 /// Writes `graph` as ONNX (`*.onnx`) or as a Hugging Face directory.
@@ -167,9 +165,7 @@ fn value_summary(name: &str, ty: Option<&TensorType>) -> ValueSummary {
             dims.iter()
                 .map(|d| match d {
                     Dim::Fixed(n) => serde_json::Value::from(*n),
-                    Dim::Sym(s) => {
-                        serde_json::Value::from(if s.is_empty() { "?" } else { s.as_str() })
-                    }
+                    d => serde_json::Value::from(d.to_string()),
                 })
                 .collect()
         }),

@@ -46,7 +46,7 @@ fn canonical_print_is_independent_of_insertion_order() {
   input %x: f32[batch,4]
   weight @bias: f32[4]
   %0 = Add(%x, @bias) : f32[batch,4]
-  %1 = Neg(%0)
+  %1 = Neg(%0) : f32[batch,4]
   output y = %1
 }
 ";

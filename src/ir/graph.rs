@@ -234,7 +234,29 @@ impl Graph {
                 );
             }
         }
+        // Every output gets its type from the inputs' (merged with any the
+        // caller recorded); a shape that does not fit the op is refused.
+        if self.g[idx].outputs.len() == self.g[idx].op.num_outputs() {
+            match super::infer::node_types(self, idx) {
+                Ok(tys) => {
+                    for (o, t) in self.g[idx].outputs.iter_mut().zip(tys) {
+                        o.ty = t;
+                    }
+                }
+                Err(e) => {
+                    let op = self.g[idx].op.clone();
+                    self.g.remove_node(idx);
+                    self.weight_nodes.removed(&self.g, idx, &op);
+                    return Err(e);
+                }
+            }
+        }
         Ok(idx)
+    }
+
+    /// Infers and stores the type of every value (see [`super::infer`]).
+    pub fn infer_types(&mut self) -> Result<()> {
+        super::infer::infer_graph(self)
     }
 
     /// Adds a single-output node and returns its value.

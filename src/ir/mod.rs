@@ -5,6 +5,7 @@
 pub mod diff;
 mod dtype;
 mod graph;
+pub mod infer;
 mod op;
 mod patch;
 pub mod print;
@@ -20,7 +21,7 @@ pub use op::*;
 pub use patch::{Patch, PatchStats, PatchValue};
 pub use petgraph::stable_graph::NodeIndex;
 pub use print::print;
-pub use shape::{Dim, TensorType};
+pub use shape::{Dim, DimExpr, TensorType};
 pub use tensor::{Tensor, TensorData};
 pub use verify::verify;
 pub use weights::{MappedFile, Weight, WeightData, WeightStore};

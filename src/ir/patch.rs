@@ -96,6 +96,8 @@ impl Graph {
             self.replace_uses(old, new);
         }
         let removed = self.remove_dead();
+        // Rewired readers may now see differently named (equal) dims.
+        self.infer_types()?;
         super::verify(self)?;
         let n_added = added.len();
         debug_assert_eq!(before + n_added - removed, self.g.node_count());

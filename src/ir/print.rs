@@ -188,9 +188,7 @@ pub fn print(graph: &Graph) -> Result<String> {
                     .unwrap_or_else(|| "?".into())
             })
             .collect();
-        if tys.iter().any(|t| t != "?") {
-            let _ = write!(out, " : {}", tys.join(", "));
-        }
+        let _ = write!(out, " : {}", tys.join(", "));
         out.push('\n');
     }
     for (name, v) in &graph.outputs {

@@ -135,28 +135,10 @@ pub fn verify(graph: &Graph) -> Result<()> {
                     }
                 }
             }
-            Op::Linear => {
-                if let (Some(x), Some(w)) = (ty(0), ty(1)) {
-                    if let (Some(xs), Some(ws)) = (&x.shape, &w.shape) {
-                        if ws.len() != 2 {
-                            return fail(format!("{}: weight is {w}, must be rank 2", who()));
-                        }
-                        if let (Some(a), Some(b)) =
-                            (xs.last().and_then(|d| d.fixed()), ws[1].fixed())
-                        {
-                            if a != b {
-                                return fail(format!(
-                                    "{}: input {x} does not match weight {w} (in features)",
-                                    who()
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
             _ => {}
         }
     }
     super::print::canonical_order(graph)?;
-    Ok(())
+    // Shapes and types, re-inferred from the inputs and compared.
+    super::infer::check(graph)
 }

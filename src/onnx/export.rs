@@ -271,10 +271,10 @@ fn type_proto(t: &TensorType) -> TypeProto {
                             Dim::Fixed(n) => {
                                 Some(tensor_shape_proto::dimension::Value::DimValue(*n as i64))
                             }
-                            Dim::Sym(s) if s.is_empty() => None,
-                            Dim::Sym(s) => {
-                                Some(tensor_shape_proto::dimension::Value::DimParam(s.clone()))
-                            }
+                            d if d.is_unknown() => None,
+                            d => Some(tensor_shape_proto::dimension::Value::DimParam(
+                                d.to_string(),
+                            )),
                         },
                         denotation: String::new(),
                     })

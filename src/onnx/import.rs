@@ -417,10 +417,13 @@ impl<'a> Importer<'a> {
             graph.outputs.push((vi.name.clone(), v));
         }
 
-        ir::verify(&graph).map_err(|e| match e {
-            Error::Verify(m) => self.err(m),
-            other => other,
-        })?;
+        graph
+            .infer_types()
+            .and_then(|()| ir::verify(&graph))
+            .map_err(|e| match e {
+                Error::Verify(m) => self.err(m),
+                other => other,
+            })?;
         Ok(graph)
     }
 
@@ -558,7 +561,7 @@ impl<'a> Importer<'a> {
                             }
                             Dim::Fixed(*v as u64)
                         }
-                        Some(dimension::Value::DimParam(p)) => Dim::Sym(p.clone()),
+                        Some(dimension::Value::DimParam(p)) => Dim::parse(p),
                         None => Dim::Sym(String::new()),
                     });
                 }

@@ -85,11 +85,24 @@ fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, opset: i64) -> ModelPro
             name: "test".into(),
             initializer: inits,
             input: vec![vi("x", 1, &[2])],
-            output: vec![vi("y", 1, &[2])],
+            // Typed but not shaped: the op under test decides the shape.
+            output: vec![unshaped("y", 1)],
             ..Default::default()
         }),
         ..Default::default()
     }
+}
+
+fn unshaped(name: &str, elem: i32) -> ValueInfoProto {
+    let mut v = vi(name, elem, &[]);
+    if let Some(TypeProto {
+        value: Some(type_proto::Value::TensorType(t)),
+        ..
+    }) = &mut v.r#type
+    {
+        t.shape = None;
+    }
+    v
 }
 
 fn load_model(m: &ModelProto) -> crate::Result<ir::Graph> {
@@ -493,8 +506,13 @@ fn moved_attributes_keep_their_form() {
     assert!(matches!(g.node(rm).op, Op::Reduce { axes: None, .. }));
     assert!(g.inputs_of(rm)[1].is_some());
     // Absent optional input in the middle: Slice(x, s, e, "", steps).
-    let n = node("Slice", "sl", &["x", "ax", "ax", "", "ax"], &["y"]);
-    let g = load_model(&model(vec![n], vec![ax], 13)).unwrap();
+    let st = TensorProto {
+        name: "st".into(),
+        int64_data: vec![1],
+        ..ax.clone()
+    };
+    let n = node("Slice", "sl", &["x", "ax", "ax", "", "st"], &["y"]);
+    let g = load_model(&model(vec![n], vec![ax, st], 13)).unwrap();
     let sl =
         g.g.node_indices()
             .find(|&i| g.node(i).op == Op::Slice)

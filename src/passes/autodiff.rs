@@ -179,14 +179,6 @@ pub fn autodiff(graph: &mut Graph, opts: &AutodiffOptions) -> Result<GradInfo> {
         let attrs = attrs.clone();
         let old = graph.node(n).clone();
         let ins = graph.inputs_of(n);
-        let lse_ty = Some(TensorType::new(
-            DType::F32,
-            vec![
-                Dim::sym("batch"),
-                Dim::Fixed(attrs.num_heads as u64),
-                Dim::sym("seq"),
-            ],
-        ));
         let fwd = graph.add_node(
             old.name.clone(),
             Op::AttentionFwd(attrs),
@@ -195,7 +187,7 @@ pub fn autodiff(graph: &mut Graph, opts: &AutodiffOptions) -> Result<GradInfo> {
                 old.outputs[0].clone(),
                 Output {
                     name: format!("{}.lse", old.name),
-                    ty: lse_ty,
+                    ty: None, // inferred: [batch, heads, seq] in q's dtype
                 },
             ],
         )?;

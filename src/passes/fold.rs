@@ -18,7 +18,7 @@
 //! A second run finds only constants and changes nothing.
 
 use super::{Pass, Report};
-use crate::ir::{Dim, Graph, Op, Output, Patch, Tensor, TensorType, Value};
+use crate::ir::{Graph, Op, Output, Patch, Tensor, TensorType, Value};
 use crate::runtime::cpu::eval_node;
 use crate::Result;
 use serde::Deserialize;
@@ -62,10 +62,7 @@ fn type_dims(ty: Option<&TensorType>) -> Option<Vec<Option<usize>>> {
         ty?.shape
             .as_ref()?
             .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => usize::try_from(*n).ok(),
-                Dim::Sym(_) => None,
-            })
+            .map(|d| d.fixed().and_then(|n| usize::try_from(n).ok()))
             .collect(),
     )
 }

@@ -589,6 +589,9 @@ fn execute_with(
     };
     validate_inputs(graph, inputs)?;
     let mut values = Values::new(petgraph::visit::NodeIndexable::node_bound(&graph.g));
+    // The run-time sizes of the graph's symbols, bound as values appear;
+    // every value is checked against its inferred type.
+    let mut bindings: BTreeMap<String, usize> = BTreeMap::new();
 
     // A weight read by several Weight nodes is decoded once and kept until
     // the last of them has run.
@@ -681,6 +684,13 @@ fn execute_with(
             )));
         }
         for (slot, t) in outs.into_iter().take(node.outputs.len()).enumerate() {
+            if let Some(ty) = &node.outputs[slot].ty {
+                check_type(ty, &t, &mut bindings).map_err(|m| {
+                    fail(format!(
+                        "output {slot} does not have its inferred type: {m}"
+                    ))
+                })?;
+            }
             values.insert(Value::new(n, slot), t);
         }
         // Outputs nothing reads die right away.
@@ -713,6 +723,30 @@ fn execute_with(
         .map(|(k, t)| (k, Arc::try_unwrap(t).unwrap_or_else(|t| (*t).clone())))
         .collect();
     Ok((result, values.stats))
+}
+
+/// Checks a computed tensor against its inferred type: the shape (binding
+/// symbols on first sight) and the kind of element. Floating dtypes may
+/// differ, since weights stored as bf16/f16 compute in the session's dtype.
+fn check_type(
+    ty: &crate::ir::TensorType,
+    t: &Tensor,
+    bindings: &mut BTreeMap<String, usize>,
+) -> std::result::Result<(), String> {
+    let kind = |d: DType| {
+        if d.is_float() {
+            0
+        } else if d == DType::Bool {
+            1
+        } else {
+            2
+        }
+    };
+    if kind(ty.dtype) != kind(t.dtype) {
+        return Err(format!("it is {}{:?}, inferred {ty}", t.dtype, t.shape));
+    }
+    ty.check_concrete(&t.shape, bindings)
+        .map_err(|m| format!("it is {}{:?}, inferred {ty} ({m})", t.dtype, t.shape))
 }
 
 // ---------------------------------------------------------------------------
