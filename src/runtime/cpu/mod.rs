@@ -13,22 +13,21 @@
 //! Values are held as `Arc<Tensor>`: `Identity` (and a no-op `Cast`) pass
 //! their input through without a copy, and a kernel whose input dies at
 //! this node may reuse its buffer (reshapes, unary and binary arithmetic).
+//!
+//! Kernels: [`elementwise`] and [`shape_ops`] (ONNX's arithmetic and
+//! layout ops), [`linalg`] (MatMul, Gemm and the strided GEMM under every
+//! product), and [`kernels`], the neural-network ops, one file per op with
+//! its backward and a plain f64 reference beside it.
 
-pub mod attention_grad;
 pub mod decode;
 pub mod elementwise;
 mod erf;
-pub mod grad;
 pub mod kernels;
 pub mod layout;
 pub mod linalg;
-pub mod nn;
 pub mod pool;
 pub mod shape_ops;
 pub mod vmath;
-
-#[cfg(test)]
-mod kernels_equivalence_tmp;
 
 use super::schedule::Schedule;
 use super::Backend;
