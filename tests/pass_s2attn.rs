@@ -11,7 +11,7 @@ use lcc::ir::{
     self, AttentionAttrs, AttentionPattern, DType, Dim, Graph, GroupSize, Op, Tensor, TensorType,
 };
 use lcc::passes::{Pipeline, RunOptions};
-use lcc::runtime::cpu::nn;
+use lcc::runtime::cpu::kernels;
 use lcc::runtime::{cpu::CpuBackend, Backend};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -357,7 +357,7 @@ fn kernel_matches_a_naive_masked_softmax() {
         let q = t64([2, len, h * d], seed + 1);
         let k = t64([2, len, kvh * d], seed + 2);
         let v = t64([2, len, kvh * d], seed + 3);
-        let got = nn::attention(&q, &k, &v, &a).unwrap();
+        let got = kernels::attention(&q, &k, &v, &a).unwrap();
         let want = naive(&q, &k, &v, &a, group.tokens(len), wrap);
         let worst = got
             .to_f64_vec()
@@ -367,7 +367,7 @@ fn kernel_matches_a_naive_masked_softmax() {
             .fold(0.0, f64::max);
         assert!(worst < 1e-12, "case {n} {:?}: {worst}", cases[n]);
         // Deterministic, bit for bit.
-        assert_eq!(got, nn::attention(&q, &k, &v, &a).unwrap());
+        assert_eq!(got, kernels::attention(&q, &k, &v, &a).unwrap());
         // And f32 agrees with f64.
         let f = |t: &Tensor| {
             Tensor::f32(
@@ -375,7 +375,7 @@ fn kernel_matches_a_naive_masked_softmax() {
                 t.to_f64_vec().iter().map(|&x| x as f32).collect(),
             )
         };
-        let got32 = nn::attention(&f(&q), &f(&k), &f(&v), &a).unwrap();
+        let got32 = kernels::attention(&f(&q), &f(&k), &f(&v), &a).unwrap();
         let worst32 = got32
             .to_f64_vec()
             .iter()
@@ -397,13 +397,13 @@ fn kernel_errors() {
     };
     let q = t64([1, 6, 8], 1);
     let kv = t64([1, 6, 4], 2);
-    let e = nn::attention(&q, &kv, &kv, &a(2, GroupSize::Tokens(8))).unwrap_err();
+    let e = kernels::attention(&q, &kv, &kv, &a(2, GroupSize::Tokens(8))).unwrap_err();
     assert!(
         e.contains("group size 8 exceeds the sequence length 6"),
         "{e}"
     );
     let q3 = t64([1, 6, 12], 1);
-    let e = nn::attention(&q3, &kv, &kv, &a(3, GroupSize::Tokens(2))).unwrap_err();
+    let e = kernels::attention(&q3, &kv, &kv, &a(3, GroupSize::Tokens(2))).unwrap_err();
     assert!(e.contains("(odd)"), "{e}");
 }
 

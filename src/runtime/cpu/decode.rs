@@ -9,7 +9,7 @@
 //! - `Rope` gets explicit positions `cached..cached+new` (the graph's Rope
 //!   nodes read none; the full forward uses `0..seq`).
 //! - `Attention` appends the new K/V rows to its per-node cache and attends
-//!   over all of them; `nn::attention` aligns the causal frontier
+//!   over all of them; `kernels::attention` aligns the causal frontier
 //!   bottom-right when kv_len > q_len.
 //!
 //! Rope with dynamic (NTK) scaling computes its base from `max position + 1`,
@@ -18,7 +18,7 @@
 //! `original_max_position_embeddings` the result differs from one full
 //! forward (it matches it for every other scaling).
 
-use super::{layout, nn, run_kernel, ComputeDType};
+use super::{kernels, layout, run_kernel, ComputeDType};
 use crate::ir::{AttentionPattern, Graph, NodeIndex, Op, Tensor, TensorData, Value};
 use crate::runtime::schedule::{Schedule, LIVE_TO_END};
 use crate::{Error, Result};
@@ -305,7 +305,7 @@ impl<'g> DecodeSession<'g> {
                         .and_then(|t| t.as_deref())
                         .ok_or_else(|| fail("required input 0 is missing".into()))?;
                     vec![Arc::new(
-                        nn::rope(x, Some(&positions), attrs).map_err(fail)?,
+                        kernels::rope(x, Some(&positions), attrs).map_err(fail)?,
                     )]
                 }
                 Op::Attention(attrs) => {
@@ -323,7 +323,7 @@ impl<'g> DecodeSession<'g> {
                         .append(k, v)
                         .map_err(|m| fail(format!("KV cache: {m}")))?;
                     vec![Arc::new(
-                        nn::attention(q, &cache.k, &cache.v, attrs).map_err(fail)?,
+                        kernels::attention(q, &cache.k, &cache.v, attrs).map_err(fail)?,
                     )]
                 }
                 op => run_kernel(op, &mut { ins }, node.outputs.len()).map_err(fail)?,

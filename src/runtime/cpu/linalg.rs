@@ -3,7 +3,8 @@
 //! crate, rayon-parallel for large products).
 //!
 //! Also home of [`Real`], the small float trait the kernels here and in
-//! `nn.rs` are generic over (f32 for f32/f16/bf16 tensors, f64 for f64).
+//! [`super::kernels`] are generic over (f32 for f32/f16/bf16 tensors, f64
+//! for f64).
 
 use super::vmath;
 use crate::ir::tensor::checked_numel;

@@ -13,15 +13,18 @@
 //! Values are held as `Arc<Tensor>`: `Identity` (and a no-op `Cast`) pass
 //! their input through without a copy, and a kernel whose input dies at
 //! this node may reuse its buffer (reshapes, unary and binary arithmetic).
+//!
+//! Kernels: [`elementwise`] and [`shape_ops`] (ONNX's arithmetic and
+//! layout ops), [`linalg`] (MatMul, Gemm and the strided GEMM under every
+//! product), and [`kernels`], the neural-network ops, one file per op with
+//! its backward and a plain f64 reference beside it.
 
-pub mod attention_grad;
 pub mod decode;
 pub mod elementwise;
 mod erf;
-pub mod grad;
+pub mod kernels;
 pub mod layout;
 pub mod linalg;
-pub mod nn;
 pub mod pool;
 pub mod shape_ops;
 pub mod vmath;
@@ -929,8 +932,8 @@ pub(crate) fn run_kernel(
             *trans_a,
             *trans_b,
         )?),
-        Op::Softmax { axis } => one(nn::softmax(req(ins, 0)?, *axis, false)?),
-        Op::LogSoftmax { axis } => one(nn::softmax(req(ins, 0)?, *axis, true)?),
+        Op::Softmax { axis } => one(kernels::softmax(req(ins, 0)?, *axis, false)?),
+        Op::LogSoftmax { axis } => one(kernels::softmax(req(ins, 0)?, *axis, true)?),
         Op::Reduce {
             op,
             axes,
@@ -944,7 +947,7 @@ pub(crate) fn run_kernel(
                 (None, Some(t)) => Some(int_list(t, "axes")?).filter(|a| !a.is_empty()),
                 (None, None) => None,
             };
-            one(nn::reduce(
+            one(kernels::reduce(
                 req(ins, 0)?,
                 *op,
                 axes.as_deref(),
@@ -956,7 +959,7 @@ pub(crate) fn run_kernel(
             axis,
             epsilon,
             stash_type,
-        } => one(nn::rms_normalization(
+        } => one(kernels::rms_normalization(
             req(ins, 0)?,
             req(ins, 1)?,
             *axis,
@@ -967,7 +970,7 @@ pub(crate) fn run_kernel(
             interleaved,
             num_heads,
             rotary_embedding_dim,
-        } => one(nn::rotary_embedding(
+        } => one(kernels::rotary_embedding(
             req(ins, 0)?,
             req(ins, 1)?,
             req(ins, 2)?,
@@ -977,7 +980,7 @@ pub(crate) fn run_kernel(
             *rotary_embedding_dim,
         )?),
         Op::OnnxAttention(attrs) => {
-            let outs = nn::onnx_attention(
+            let outs = kernels::onnx_attention(
                 req(ins, 0)?,
                 req(ins, 1)?,
                 req(ins, 2)?,
@@ -994,18 +997,18 @@ pub(crate) fn run_kernel(
             }
             Ok(outs.into_iter().take(n_out).map(Arc::new).collect())
         }
-        Op::Embedding => one(nn::embedding(req(ins, 0)?, req(ins, 1)?)?),
-        Op::RmsNorm { eps } => one(nn::rms_norm(req(ins, 0)?, req(ins, 1)?, *eps)?),
-        Op::Rope(attrs) => one(nn::rope(req(ins, 0)?, opt(ins, 1), attrs)?),
-        Op::Attention(attrs) => one(nn::attention(
+        Op::Embedding => one(kernels::embedding(req(ins, 0)?, req(ins, 1)?)?),
+        Op::RmsNorm { eps } => one(kernels::rms_norm(req(ins, 0)?, req(ins, 1)?, *eps)?),
+        Op::Rope(attrs) => one(kernels::rope(req(ins, 0)?, opt(ins, 1), attrs)?),
+        Op::Attention(attrs) => one(kernels::attention(
             req(ins, 0)?,
             req(ins, 1)?,
             req(ins, 2)?,
             attrs,
         )?),
-        Op::Linear => one(nn::linear(req(ins, 0)?, req(ins, 1)?, opt(ins, 2))?),
-        Op::SwiGlu => one(nn::swiglu(req(ins, 0)?, req(ins, 1)?)?),
-        Op::LoraLinear(attrs) => one(nn::lora_linear(
+        Op::Linear => one(kernels::linear(req(ins, 0)?, req(ins, 1)?, opt(ins, 2))?),
+        Op::SwiGlu => one(kernels::swiglu(req(ins, 0)?, req(ins, 1)?)?),
+        Op::LoraLinear(attrs) => one(kernels::lora_linear(
             req(ins, 0)?,
             req(ins, 1)?,
             req(ins, 2)?,
@@ -1014,24 +1017,23 @@ pub(crate) fn run_kernel(
             attrs.scale(),
         )?),
 
-        Op::CrossEntropy { ignore_index } => one(grad::cross_entropy(
+        Op::CrossEntropy { ignore_index } => one(kernels::cross_entropy(
             req(ins, 0)?,
             req(ins, 1)?,
             *ignore_index,
         )?),
-        Op::CrossEntropyGrad { ignore_index } => one(grad::cross_entropy_grad(
+        Op::CrossEntropyGrad { ignore_index } => one(kernels::cross_entropy_grad(
             req(ins, 0)?,
             req(ins, 1)?,
             req(ins, 2)?,
             *ignore_index,
         )?),
         Op::AttentionFwd(attrs) => {
-            let (o, lse) =
-                attention_grad::attention_fwd(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?, attrs)?;
+            let (o, lse) = kernels::attention_fwd(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?, attrs)?;
             Ok(vec![Arc::new(o), Arc::new(lse)])
         }
         Op::AttentionGrad(attrs) => {
-            let (dq, dk, dv) = attention_grad::attention_grad(
+            let (dq, dk, dv) = kernels::attention_grad(
                 req(ins, 0)?,
                 req(ins, 1)?,
                 req(ins, 2)?,
@@ -1043,20 +1045,20 @@ pub(crate) fn run_kernel(
             Ok(vec![Arc::new(dq), Arc::new(dk), Arc::new(dv)])
         }
         Op::RmsNormGrad { eps } => {
-            let (dx, dw) = grad::rms_norm_grad(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?, *eps)?;
+            let (dx, dw) = kernels::rms_norm_grad(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?, *eps)?;
             Ok(vec![Arc::new(dx), Arc::new(dw)])
         }
-        Op::RopeGrad(attrs) => one(grad::rope_grad(req(ins, 0)?, opt(ins, 1), attrs)?),
+        Op::RopeGrad(attrs) => one(kernels::rope_grad(req(ins, 0)?, opt(ins, 1), attrs)?),
         Op::SwiGluGrad => {
-            let (dg, du) = grad::swiglu_grad(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?)?;
+            let (dg, du) = kernels::swiglu_grad(req(ins, 0)?, req(ins, 1)?, req(ins, 2)?)?;
             Ok(vec![Arc::new(dg), Arc::new(du)])
         }
-        Op::EmbeddingGrad => one(grad::embedding_grad(
+        Op::EmbeddingGrad => one(kernels::embedding_grad(
             req(ins, 0)?,
             req(ins, 1)?,
             req(ins, 2)?,
         )?),
-        Op::LinearGradWeight => one(grad::linear_grad_weight(req(ins, 0)?, req(ins, 1)?)?),
+        Op::LinearGradWeight => one(kernels::linear_grad_weight(req(ins, 0)?, req(ins, 1)?)?),
     }
 }
 

@@ -1,11 +1,5 @@
-//! Attention for training: the forward that also returns the log-sum-exp of
-//! each query row, and the tiled backward (FlashAttention-2 style), for full
+//! The training backward of attention (FlashAttention-2 style), for full
 //! causal and shifted sparse (S²-Attn) patterns.
-//!
-//! The forward is `nn::attention`'s own kernel asked to also report each
-//! row's softmax max `m` and sum `l`, so its output is bit-identical to the
-//! inference op; `lse = m + ln(l)` over the scaled scores is all the backward
-//! needs to rebuild any tile of probabilities without storing them.
 //!
 //! The backward splits the work into *segments*: one (batch, query head,
 //! causal run of positions) each — the whole sequence for full attention,
@@ -19,93 +13,15 @@
 //! heads afterwards in a fixed order, so results never depend on the number
 //! of threads and nothing is ever S×S.
 
-use super::linalg::{finish, gemm_strided, MatRef, Real};
-use super::nn;
-use crate::ir::{AttentionAttrs, AttentionPattern, DType, Tensor, TensorData};
+use super::{check_numel, check_qkv, group_bounds, Dims};
+use crate::ir::{AttentionAttrs, AttentionPattern, Tensor, TensorData};
+use crate::runtime::cpu::linalg::{finish, gemm_strided, MatRef, Real};
 use rayon::prelude::*;
 
 /// Tile sizes of the backward. Smaller than the forward's: a tile keeps two
 /// score-sized buffers (P and dS) plus four head_dim-wide operands hot.
 const BLOCK_Q: usize = 64;
 const BLOCK_K: usize = 64;
-
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    len: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-/// Checks q, k, v against the attributes and each other; returns the sizes.
-fn check_qkv(
-    op: &str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    attrs: &AttentionAttrs,
-) -> Result<Dims, String> {
-    let (heads, kv_heads, hd) = (attrs.num_heads, attrs.num_kv_heads, attrs.head_dim);
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(format!(
-            "{op}: heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})"
-        ));
-    }
-    if let AttentionPattern::ShiftedSparse { .. } = attrs.pattern {
-        if heads % 2 != 0 {
-            return Err(format!(
-                "{op} (shifted sparse) splits the heads in halves, but there are {heads} (odd); use full causal attention for this model"
-            ));
-        }
-    }
-    for t in [q, k, v] {
-        if !matches!(t.dtype, DType::F32 | DType::F64) || t.dtype != q.dtype {
-            return Err(format!(
-                "{op} computes in f32 or f64 with one type for all inputs; got q {}, k {}, v {} (cast them first)",
-                q.dtype, k.dtype, v.dtype
-            ));
-        }
-    }
-    let dims3 = |t: &Tensor, h: usize, name: &str| match *t.shape.as_slice() {
-        [b, s, w] if Some(w) == h.checked_mul(hd) => Ok((b, s)),
-        _ => Err(format!(
-            "{op}: {name} must be [batch, seq, {h}×{hd}], got {:?}",
-            t.shape
-        )),
-    };
-    let (batch, len) = dims3(q, heads, "q")?;
-    check_numel(op, &[("q", q), ("k", k), ("v", v)])?;
-    let kd = dims3(k, kv_heads, "k")?;
-    let vd = dims3(v, kv_heads, "v")?;
-    if kd != (batch, len) || vd != (batch, len) {
-        return Err(format!(
-            "{op} is for training without a KV cache: q, k and v must have the same batch and length, got q {:?}, k {:?}, v {:?}",
-            q.shape, k.shape, v.shape
-        ));
-    }
-    Ok(Dims {
-        batch,
-        len,
-        heads,
-        kv_heads,
-        head_dim: hd,
-    })
-}
-
-/// Training forward: `(out, lse)`. `out` is `[batch, seq, heads*head_dim]`,
-/// bit-identical to `nn::attention`; `lse` is `[batch, heads, seq]` in q's
-/// dtype, the log-sum-exp of each query row's scaled scores over the keys it
-/// sees (for S²-Attn heads, within its group). f32 and f64 only.
-pub fn attention_fwd(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    attrs: &AttentionAttrs,
-) -> Result<(Tensor, Tensor), String> {
-    check_qkv("AttentionFwd", q, k, v, attrs)?;
-    nn::attention_with_lse(q, k, v, attrs)
-}
 
 /// Training backward: `(dq, dk, dv)` in the shapes of q, k, v, from the
 /// forward's `out` and `lse` and the output gradient `dout`.
@@ -187,21 +103,6 @@ pub fn attention_grad(
     ))
 }
 
-/// A tensor whose data is not as long as its shape says would make the
-/// kernels index out of bounds; say so instead.
-fn check_numel(op: &str, tensors: &[(&str, &Tensor)]) -> Result<(), String> {
-    for (name, t) in tensors {
-        if crate::ir::tensor::checked_numel(&t.shape) != Some(t.numel()) {
-            return Err(format!(
-                "{op}: {name} has shape {:?} but {} values (a malformed tensor)",
-                t.shape,
-                t.numel()
-            ));
-        }
-    }
-    Ok(())
-}
-
 struct Inputs<'a, T> {
     q: &'a [T],
     k: &'a [T],
@@ -238,19 +139,8 @@ impl Segment {
 /// the order in which dk/dv contributions are summed.
 fn segments(dims: Dims, groups: Option<(usize, bool)>) -> Vec<Segment> {
     let len = dims.len;
-    // The same bounds as the forward's `shifted_sparse_attention`.
-    let bounds = |start: usize, g: usize| -> Vec<(usize, usize)> {
-        let mut v = Vec::new();
-        if start > 0 {
-            v.push((0, start.min(len)));
-        }
-        let mut a = start;
-        while a < len {
-            v.push((a, (a + g).min(len)));
-            a += g;
-        }
-        v
-    };
+    // The same groups as the forward's.
+    let bounds = |start: usize, g: usize| group_bounds(len, start, g);
     let mut out = Vec::new();
     for batch in 0..dims.batch {
         for head in 0..dims.heads {
@@ -483,6 +373,3 @@ fn segment_grad<T: Real>(
 fn rows_from<T>(m: &[T], r0: usize, width: usize) -> MatRef<'_, T> {
     MatRef::row_major(m, r0 * width, width)
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,10 +1,13 @@
-//! Checks of the training attention kernels: the forward against
-//! `nn::attention` (bitwise) and a dense f64 reference (lse), the backward
-//! against finite differences and the dense reference, across patterns,
-//! GQA, and lengths that do not divide into groups.
+//! Checks of the attention kernels: the inference forward against the
+//! dense f64 reference (full causal with a KV cache, GQA, across tiles),
+//! the training forward against the inference forward (bitwise) and the
+//! reference (lse), the backward against finite differences and the
+//! reference, across patterns, GQA, and lengths that do not divide into
+//! groups. (`tests/pass_s2attn.rs` checks S²-Attn against a naive masked
+//! softmax of its own.)
 
+use super::super::testutil::{assert_close, to_f64, Rng};
 use super::*;
-use crate::ir::GroupSize;
 use crate::util::SplitMix64;
 use std::time::Instant;
 
@@ -57,35 +60,6 @@ fn qkv(
     )
 }
 
-/// Whether query i of head h sees key j, straight from the pattern's
-/// definition (not from the kernels' segment bookkeeping).
-fn sees(
-    pattern: &AttentionPattern,
-    heads: usize,
-    len: usize,
-    h: usize,
-    i: usize,
-    j: usize,
-) -> bool {
-    match *pattern {
-        AttentionPattern::FullCausal => j <= i,
-        AttentionPattern::ShiftedSparse { group, wrap } => {
-            let g = group.tokens(len);
-            let shift = g / 2;
-            if h < heads / 2 {
-                j <= i && i / g == j / g
-            } else if !wrap {
-                let id = |t: usize| if t < shift { 0 } else { (t - shift) / g + 1 };
-                j <= i && id(i) == id(j)
-            } else {
-                // Rolled by −shift: position t sits at (t − shift) mod len.
-                let r = |t: usize| (t + len - shift % len) % len;
-                r(j) <= r(i) && r(i) / g == r(j) / g
-            }
-        }
-    }
-}
-
 struct Reference {
     out: Vec<f64>,
     lse: Vec<f64>,
@@ -94,9 +68,8 @@ struct Reference {
     dv: Vec<f64>,
 }
 
-/// Dense attention and its gradient in f64 with explicit masked softmax
-/// (O(len²) per head; for tests only).
-fn reference(
+/// The dense reference's forward and backward at once.
+fn dense(
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -105,66 +78,15 @@ fn reference(
     len: usize,
     a: &AttentionAttrs,
 ) -> Reference {
-    let (heads, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-    let scale = a.scale as f64;
-    let (qw, kw) = (heads * hd, kvh * hd);
-    let mut r = Reference {
-        out: vec![0.0; q.len()],
-        lse: vec![0.0; batch * heads * len],
-        dq: vec![0.0; q.len()],
-        dk: vec![0.0; k.len()],
-        dv: vec![0.0; v.len()],
-    };
-    let qa = |b: usize, i: usize, h: usize| (b * len + i) * qw + h * hd;
-    let ka = |b: usize, j: usize, h: usize| (b * len + j) * kw + h * hd;
-    for b in 0..batch {
-        for h in 0..heads {
-            let g = h / (heads / kvh);
-            for i in 0..len {
-                let s: Vec<Option<f64>> = (0..len)
-                    .map(|j| {
-                        sees(&a.pattern, heads, len, h, i, j).then(|| {
-                            (0..hd)
-                                .map(|c| q[qa(b, i, h) + c] * k[ka(b, j, g) + c])
-                                .sum::<f64>()
-                                * scale
-                        })
-                    })
-                    .collect();
-                let m = s.iter().flatten().fold(f64::NEG_INFINITY, |x, &y| x.max(y));
-                let sum: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
-                let lse = m + sum.ln();
-                r.lse[(b * heads + h) * len + i] = lse;
-                let p: Vec<f64> = s
-                    .iter()
-                    .map(|x| x.map_or(0.0, |x| (x - lse).exp()))
-                    .collect();
-                for (j, &pj) in p.iter().enumerate() {
-                    for c in 0..hd {
-                        r.out[qa(b, i, h) + c] += pj * v[ka(b, j, g) + c];
-                    }
-                }
-                // dP_j = dO_i·V_j; dS_j = P_j (dP_j − Σ_l P_l dP_l).
-                let dp: Vec<f64> = (0..len)
-                    .map(|j| {
-                        (0..hd)
-                            .map(|c| dout[qa(b, i, h) + c] * v[ka(b, j, g) + c])
-                            .sum()
-                    })
-                    .collect();
-                let d: f64 = p.iter().zip(&dp).map(|(x, y)| x * y).sum();
-                for j in 0..len {
-                    let ds = p[j] * (dp[j] - d);
-                    for c in 0..hd {
-                        r.dv[ka(b, j, g) + c] += p[j] * dout[qa(b, i, h) + c];
-                        r.dq[qa(b, i, h) + c] += scale * ds * k[ka(b, j, g) + c];
-                        r.dk[ka(b, j, g) + c] += scale * ds * q[qa(b, i, h) + c];
-                    }
-                }
-            }
-        }
+    let (out, lse) = reference::attention(q, k, v, batch, (len, len), a);
+    let (dq, dk, dv) = reference::attention_grad(q, k, v, dout, batch, len, a);
+    Reference {
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
     }
-    r
 }
 
 fn max_abs(a: &[f64]) -> f64 {
@@ -216,7 +138,59 @@ fn fast_exp_is_accurate() {
 }
 
 #[test]
-fn forward_out_is_bitwise_nn_attention() {
+fn attention_is_causal_gqa_flash() {
+    let mut rng = Rng(18);
+    let cases = [
+        (1, 1, 1, 2, 2, 4),
+        (2, 7, 7, 4, 2, 8),
+        (1, 65, 65, 4, 1, 16),
+        (2, 130, 130, 2, 2, 8),
+        (1, 3, 67, 4, 2, 8),
+        (1, 64, 64, 2, 1, 32),
+    ];
+    for (b, sq, skv, heads, kvh, hd) in cases {
+        let q = rng.tensor(&[b, sq, heads * hd]);
+        let k = rng.tensor(&[b, skv, kvh * hd]);
+        let v = rng.tensor(&[b, skv, kvh * hd]);
+        let what = format!("b {b} sq {sq} skv {skv} heads {heads}/{kvh} hd {hd}");
+        let attrs = AttentionAttrs {
+            num_heads: heads,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            pattern: AttentionPattern::FullCausal,
+        };
+        let got = attention(&q, &k, &v, &attrs).unwrap();
+        let (want, _) = reference::attention(
+            &q.to_f64_vec(),
+            &k.to_f64_vec(),
+            &v.to_f64_vec(),
+            b,
+            (sq, skv),
+            &attrs,
+        );
+        assert_eq!(got.shape, q.shape);
+        assert_close(&got.to_f64_vec(), &want, 1e-5, &what);
+        let got64 = attention(&to_f64(&q), &to_f64(&k), &to_f64(&v), &attrs).unwrap();
+        assert_close(&got64.to_f64_vec(), &want, 1e-13, &format!("f64 {what}"));
+        // Same bits on a second run: no scheduling-dependent sums.
+        assert_eq!(attention(&q, &k, &v, &attrs).unwrap(), got);
+    }
+    let q = rng.tensor(&[1, 2, 8]);
+    let attrs = AttentionAttrs {
+        num_heads: 3,
+        num_kv_heads: 2,
+        head_dim: 4,
+        scale: 0.5,
+        pattern: AttentionPattern::FullCausal,
+    };
+    assert!(attention(&q, &q, &q, &attrs)
+        .unwrap_err()
+        .contains("multiple"));
+}
+
+#[test]
+fn training_forward_out_is_bitwise_the_inference_forward() {
     let mut rng = SplitMix64::new(1);
     // Lengths over the forward's 128-row blocks, groups that do and do not divide them.
     let cases = [
@@ -233,12 +207,7 @@ fn forward_out_is_bitwise_nn_attention() {
         let (q, k, v) = qkv(&mut rng, batch, len, &a);
         for (q, k, v) in [(to_f32(&q), to_f32(&k), to_f32(&v)), (q, k, v)] {
             let (out, lse) = attention_fwd(&q, &k, &v, &a).unwrap();
-            assert_eq!(
-                out,
-                nn::attention(&q, &k, &v, &a).unwrap(),
-                "{:?}",
-                a.pattern
-            );
+            assert_eq!(out, attention(&q, &k, &v, &a).unwrap(), "{:?}", a.pattern);
             assert_eq!(lse.shape, vec![batch, heads, len]);
             assert_eq!(lse.dtype, q.dtype);
         }
@@ -253,7 +222,7 @@ fn forward_lse_matches_reference() {
             let a = attrs(4, 2, 4, pattern);
             let (q, k, v) = qkv(&mut rng, 2, len, &a);
             let zeros = vec![0.0; q.numel()];
-            let want = reference(
+            let want = dense(
                 &q.to_f64_vec(),
                 &k.to_f64_vec(),
                 &v.to_f64_vec(),
@@ -346,7 +315,7 @@ fn backward_matches_dense_reference_across_tiles() {
         let (q, k, v) = qkv(&mut rng, batch, len, &a);
         let r = random(&mut rng, q.numel());
         let dout = f64_tensor(&q.shape, r.clone());
-        let want = reference(
+        let want = dense(
             &q.to_f64_vec(),
             &k.to_f64_vec(),
             &v.to_f64_vec(),
