@@ -53,7 +53,8 @@ enum Command {
         /// Batch size for --cost.
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        /// Passes to apply before --cost (e.g. pi,s2attn,lora,trainable).
+        /// Passes to apply first (e.g. pi,s2attn,lora,trainable), for the
+        /// summary, --print and --cost alike.
         #[command(flatten)]
         pipeline: PipelineArgs,
     },
@@ -555,10 +556,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if cost {
                 inspect_cost(&model, seq_len.unwrap_or(0), batch, &pipeline, json)
             } else {
-                if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
-                    bail!("--passes/--pipeline go with --cost (use `lcc rewrite` to apply passes)");
-                }
-                inspect(&model, print, json)
+                inspect(&model, print, json, &pipeline)
             }
         }
         Command::Exec {
@@ -727,9 +725,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn inspect(path: &Path, print: bool, json: bool) -> Result<ExitCode> {
+fn inspect(path: &Path, print: bool, json: bool, pipeline: &PipelineArgs) -> Result<ExitCode> {
     let format = model::detect(path)?;
-    let graph = load_model(path)?;
+    let graph = load_rewritten(path, pipeline)?;
     let mut out = std::io::stdout().lock();
     if print {
         out.write_all(ir::print(&graph)?.as_bytes())?;
@@ -744,16 +742,8 @@ fn inspect(path: &Path, print: bool, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect_cost(
-    path: &Path,
-    seq_len: usize,
-    batch: usize,
-    pipeline: &PipelineArgs,
-    json: bool,
-) -> Result<ExitCode> {
-    if seq_len == 0 {
-        bail!("--seq-len must be at least 1");
-    }
+/// Loads a model and applies `--passes`/`--pipeline` when given.
+fn load_rewritten(path: &Path, pipeline: &PipelineArgs) -> Result<ir::Graph> {
     let mut graph = load_model(path)?;
     if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
         let options = passes::RunOptions {
@@ -766,6 +756,20 @@ fn inspect_cost(
             }
         })?;
     }
+    Ok(graph)
+}
+
+fn inspect_cost(
+    path: &Path,
+    seq_len: usize,
+    batch: usize,
+    pipeline: &PipelineArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    if seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    let graph = load_rewritten(path, pipeline)?;
     let cost = lcc::cost::cost(&graph, seq_len, batch)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&cost)?);

@@ -47,7 +47,7 @@ fn canonical_print_is_independent_of_insertion_order() {
   weight @bias: f32[4]
   %0 = Add(%x, @bias) : f32[batch,4]
   %1 = Neg(%0) : f32[batch,4]
-  output y = %1
+  output y = %1 : f32[batch,4]
 }
 ";
     assert_eq!(a, expected);

@@ -41,7 +41,7 @@ fn add_of_two_constants_folds_to_three() {
     assert_eq!(r.matched, 1);
     assert_eq!(
         ir::print(&g).unwrap(),
-        "graph {\n  %0 = Constant{dtype=f32, shape=[], value=[3.0]}() : f32[]\n  output y = %0\n}\n"
+        "graph {\n  %0 = Constant{dtype=f32, shape=[], value=[3.0]}() : f32[]\n  output y = %0 : f32[]\n}\n"
     );
     let again = run_pass("fold", &mut g);
     assert_eq!(again.matched, 0);
@@ -87,7 +87,7 @@ fn shape_folds_for_fixed_types_only() {
         ir::print(&g).unwrap(),
         "graph {\n  input %x: f32[2,3]\n  input %y: f32[batch,3]\n  \
          %0 = Constant{dtype=i64, shape=[2], value=[2, 3]}() : i64[2]\n  \
-         %1 = Shape(%y) : i64[2]\n  output sx = %0\n  output sy = %1\n}\n"
+         %1 = Shape(%y) : i64[2]\n  output sx = %0 : i64[2]\n  output sy = %1 : i64[2]\n}\n"
     );
     assert_eq!(run_pass("fold", &mut g).matched, 0);
 }
@@ -148,7 +148,7 @@ fn identical_negations_merge() {
          %5 = Softmax{axis=0}(%x) : f32[n]\n  \
          %6 = Softmax{axis=-1}(%x) : f32[n]\n  \
          %7 = Add(%5, %6) : f32[n]\n  \
-         output a = %4\n  output b = %7\n}\n"
+         output a = %4 : f32[n]\n  output b = %7 : f32[n]\n}\n"
     );
     let again = run_pass("cse", &mut g);
     assert_eq!(again.matched, 0);

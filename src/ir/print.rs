@@ -192,9 +192,13 @@ pub fn print(graph: &Graph) -> Result<String> {
         out.push('\n');
     }
     for (name, v) in &graph.outputs {
+        let ty = graph
+            .value_type(*v)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "?".into());
         let _ = writeln!(
             out,
-            "  output {name} = {}",
+            "  output {name} = {} : {ty}",
             names.get(v).cloned().unwrap_or_else(|| "<dangling>".into())
         );
     }

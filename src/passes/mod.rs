@@ -458,6 +458,11 @@ impl Pipeline {
             if report.params_added == 0 {
                 report.params_added = graph.weights.num_params() as i64 - params_before;
             }
+            // Every value typed again after each pass (a pass may rewire or
+            // retype weights); a shape the rewrite broke is an error here.
+            graph
+                .infer_types()
+                .map_err(|e| Error::invalid(format!("after pass '{}': {e}", pass.name())))?;
             if options.verify {
                 ir::verify(graph)
                     .map_err(|e| Error::invalid(format!("after pass '{}': {e}", pass.name())))?;
