@@ -47,10 +47,16 @@ enum Command {
         /// attention, lm_head), counted as the LongLoRA paper does.
         #[arg(long, conflicts_with = "print", requires = "seq_len")]
         cost: bool,
-        /// Sequence length for --cost.
+        /// Print the memory plan of one step instead: a training step (weights,
+        /// trainable copies, gradients, optimizer state, activations) when the
+        /// graph has trainable weights (autodiff is applied if the passes did
+        /// not), else a forward; planned from the inferred types at --seq-len.
+        #[arg(long, conflicts_with_all = ["print", "cost"], requires = "seq_len")]
+        memory: bool,
+        /// Sequence length for --cost and --memory.
         #[arg(long)]
         seq_len: Option<usize>,
-        /// Batch size for --cost.
+        /// Batch size for --cost and --memory.
         #[arg(long, default_value_t = 1)]
         batch: usize,
         /// Passes to apply first (e.g. pi,s2attn,lora,trainable), for the
@@ -549,11 +555,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print,
             json,
             cost,
+            memory,
             seq_len,
             batch,
             pipeline,
         } => {
-            if cost {
+            if memory {
+                inspect_memory(&model, seq_len.unwrap_or(0), batch, &pipeline, json)
+            } else if cost {
                 inspect_cost(&model, seq_len.unwrap_or(0), batch, &pipeline, json)
             } else {
                 inspect(&model, print, json, &pipeline)
@@ -757,6 +766,52 @@ fn load_rewritten(path: &Path, pipeline: &PipelineArgs) -> Result<ir::Graph> {
         })?;
     }
     Ok(graph)
+}
+
+fn inspect_memory(
+    path: &Path,
+    seq_len: usize,
+    batch: usize,
+    pipeline: &PipelineArgs,
+    json: bool,
+) -> Result<ExitCode> {
+    if seq_len == 0 || batch == 0 {
+        bail!("--seq-len and --batch must be at least 1");
+    }
+    let process = lcc::memory::resident_bytes();
+    let mut graph = load_rewritten(path, pipeline)?;
+    let training = graph.weights.iter().any(|w| w.trainable);
+    if training && !graph.outputs.iter().any(|(n, _)| n == "loss") {
+        lcc::passes::autodiff::autodiff(
+            &mut graph,
+            &lcc::passes::autodiff::AutodiffOptions { ignore_index: -100 },
+        )?;
+    }
+    // AdamW keeps two moments per trainable element.
+    let states = if training { 2 } else { 0 };
+    let m = runtime::plan::step_memory(
+        &graph,
+        batch,
+        seq_len,
+        runtime::plan::ElemBytes::Cpu,
+        states,
+        process,
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!(
+            "{} step on the CPU backend (AdamW){}",
+            if training { "training" } else { "forward" },
+            if training {
+                ""
+            } else {
+                ": no trainable weights"
+            }
+        );
+        print!("{m}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn inspect_cost(

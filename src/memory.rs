@@ -116,6 +116,14 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 
 /// Memory the kernel says a new allocation can get now (`MemAvailable` plus
 /// free swap), or `None` where /proc/meminfo cannot be read.
+/// This process's resident size now (Linux `VmRSS`), in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |key: &str| -> Option<u64> {

@@ -28,7 +28,8 @@ impl Format {
     }
 }
 
-/// What `path` holds: a directory is a Hugging Face model, a file is ONNX.
+/// What `path` holds: a directory (or a bare `config.json`) is a Hugging
+/// Face model, any other file is ONNX.
 pub fn detect(path: &Path) -> Result<Format> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
@@ -38,6 +39,12 @@ pub fn detect(path: &Path) -> Result<Format> {
                 "is a directory without config.json; a Hugging Face model directory needs config.json and its safetensors",
             ));
         }
+        Ok(Format::Hf)
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    {
+        // A bare config.json: the model's shapes, no weights.
         Ok(Format::Hf)
     } else {
         Ok(Format::Onnx)

@@ -6,6 +6,7 @@ use crate::Result;
 use std::collections::HashMap;
 
 pub mod cpu;
+pub mod plan;
 pub mod schedule;
 
 pub use cpu::{ComputeDType, CpuBackend, Session};
