@@ -846,13 +846,13 @@ fn exec(
         .with_context(|| format!("reading inputs from {}", inputs.display()))?
         .into_iter()
         .collect();
-    let backend = match threads {
-        Some(n) => runtime::cpu::CpuBackend::with_threads(n),
-        None => runtime::cpu::CpuBackend::new(),
-    }
-    .with_compute_dtype(compute);
+    let backend = runtime::backend(runtime::Device::Cpu, threads)?;
     let start = std::time::Instant::now();
-    let outputs = runtime::Backend::run(&backend, &graph, &tensors)?;
+    let options = runtime::CompileOptions {
+        compute,
+        training: false,
+    };
+    let outputs = backend.compile(&graph, &options)?.run(&tensors)?;
     let elapsed = start.elapsed();
     let mut named: Vec<(String, Tensor)> = Vec::with_capacity(outputs.len());
     for (name, _) in &graph.outputs {

@@ -19,7 +19,7 @@
 
 use super::{Pass, Report};
 use crate::ir::{Graph, Op, Output, Patch, Tensor, TensorType, Value};
-use crate::runtime::cpu::eval_node;
+use crate::runtime::eval_op;
 use crate::Result;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -134,7 +134,7 @@ impl Pass for ConstantFolding {
             let outs: Vec<Tensor> = if all_known {
                 let args: Vec<Option<&Tensor>> =
                     ins.iter().map(|v| v.as_ref().map(|v| &known[v])).collect();
-                match eval_node(&node.op, &args) {
+                match eval_op(&node.op, &args) {
                     Ok(t) if t.len() >= node.outputs.len() => t,
                     Ok(_) => continue,
                     Err(e) => {

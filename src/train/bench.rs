@@ -4,10 +4,10 @@
 //! the LoRA weights trainable, median over the timed steps.
 
 use super::optim::{Optimizer, OptimizerConfig};
-use crate::ir::{Tensor, TensorData};
+use crate::ir::Tensor;
 use crate::passes::autodiff::{autodiff, AutodiffOptions};
 use crate::passes::{Pipeline, RunOptions};
-use crate::runtime::Session;
+use crate::runtime::{self, CompileOptions, TrainStep};
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -83,12 +83,19 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
     }
     p.run(&mut graph, &RunOptions::default(), |_, _| {})?;
     let info = autodiff(&mut graph, &AutodiffOptions { ignore_index: -100 })?;
-    let mut session = Session::new(graph, opts.threads)?;
-    let names: Vec<String> = info.grads.iter().map(|(w, _)| w.clone()).collect();
-    let sizes: Vec<(String, usize)> = names
+    let mut session = runtime::backend(runtime::Device::Cpu, opts.threads)?.compile(
+        &graph,
+        &CompileOptions {
+            training: true,
+            ..Default::default()
+        },
+    )?;
+    drop(graph);
+    let sizes: Vec<(String, usize)> = info
+        .grads
         .iter()
-        .map(|n| (n.clone(), session.weight(n).map_or(0, Tensor::numel)))
-        .collect();
+        .map(|(n, _)| Ok((n.clone(), session.weight(n)?.numel())))
+        .collect::<Result<_>>()?;
     let mut optimizer = Optimizer::new(
         OptimizerConfig::AdamW {
             beta1: 0.9,
@@ -118,30 +125,23 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
     let mut buffers = (0, 0);
     for i in 0..opts.warmup_steps + opts.steps {
         let start = Instant::now();
-        let (outs, stats) = session.run_with_stats(&inputs)?;
-        let opt_start = Instant::now();
-        let grads: Vec<&[f32]> = info
-            .grads
-            .iter()
-            .map(|(_, o)| {
-                outs.get(o)
-                    .and_then(Tensor::as_f32)
-                    .ok_or_else(|| Error::invalid(format!("no gradient '{o}'")))
-            })
-            .collect::<Result<_>>()?;
-        let mut params = session.weights_mut(&names)?;
-        let mut slices: Vec<&mut [f32]> = params
-            .iter_mut()
-            .filter_map(|t| match &mut t.data {
-                TensorData::F32(v) => Some(v.as_mut_slice()),
-                _ => None,
-            })
-            .collect();
-        optimizer.step(&mut slices, &grads, 1e-4)?;
-        drop(slices);
-        drop(params);
-        drop(grads);
-        session.reclaim(outs);
+        let outcome = session.train_step(
+            &TrainStep {
+                batches: std::slice::from_ref(&inputs),
+                loss: &info.loss,
+                params: &info.grads,
+                max_grad_norm: 0.0,
+                lr: 1e-4,
+            },
+            &mut optimizer,
+        )?;
+        if !outcome.applied {
+            return Err(Error::invalid(format!(
+                "the benchmark step's loss is {:?}",
+                outcome.losses
+            )));
+        }
+        let stats = session.stats().clone();
         if i >= opts.warmup_steps {
             times.push(start.elapsed().as_secs_f64() * 1e3);
             for (op, (n, t)) in stats.op_time {
@@ -150,9 +150,6 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
                 e.1 += t.as_secs_f64() * 1e3;
             }
             buffers = (stats.buffers_reused, stats.buffers_allocated);
-            let e = profile.entry("optimizer").or_default();
-            e.0 += 1;
-            e.1 += opt_start.elapsed().as_secs_f64() * 1e3;
         }
     }
     let denom = times.len().max(1);

@@ -10,7 +10,7 @@
 
 use super::tokenizer::Tokenizer;
 use crate::ir::{Graph, Tensor};
-use crate::runtime::{ComputeDType, Session};
+use crate::runtime::{self, CompileOptions, ComputeDType};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -113,7 +113,13 @@ pub fn perplexity(
         .map(|&i| graph.node(i).outputs[0].name.clone())
         .unwrap_or_else(|| "input_ids".into());
     // Weights decoded once for all windows.
-    let session = Session::with_compute_dtype(graph.clone(), None, compute)?;
+    let mut session = runtime::backend(runtime::Device::Cpu, None)?.compile(
+        graph,
+        &CompileOptions {
+            compute,
+            training: false,
+        },
+    )?;
     let mut sum_window_means = 0.0;
     let mut total_loss = 0.0;
     let mut scored = 0usize;

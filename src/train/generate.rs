@@ -2,8 +2,8 @@
 //! (nucleus) sampling, seeded so that a run can be repeated.
 
 use crate::ir::Graph;
-use crate::runtime::cpu::decode::DecodeSession;
 use crate::runtime::ComputeDType;
+use crate::runtime::{self, CompileOptions, Decoder};
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 
@@ -103,14 +103,20 @@ pub fn generate(
     eos: Option<u32>,
     compute: ComputeDType,
 ) -> Result<Vec<u32>> {
-    let mut session = DecodeSession::with_compute_dtype(graph, compute)?;
-    generate_with(&mut session, prompt, max_new, sampling, eos)
+    let mut session = runtime::backend(runtime::Device::Cpu, None)?.decoder(
+        graph,
+        &CompileOptions {
+            compute,
+            training: false,
+        },
+    )?;
+    generate_with(session.as_mut(), prompt, max_new, sampling, eos)
 }
 
 /// [`generate`] on an existing session (reset first), so that repeated
 /// generations decode the weights once.
 pub fn generate_with(
-    session: &mut DecodeSession,
+    session: &mut dyn Decoder,
     prompt: &[u32],
     max_new: usize,
     sampling: &Sampling,

@@ -10,7 +10,8 @@ pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod metrics;
-pub mod optim;
+/// The optimizers live beside the backends that apply them.
+pub use crate::runtime::optim;
 pub mod passkey;
 pub mod progress;
 pub mod tokenizer;

@@ -5,8 +5,8 @@
 use super::generate::{generate_with, Sampling};
 use super::tokenizer::Tokenizer;
 use crate::ir::Graph;
-use crate::runtime::cpu::decode::DecodeSession;
 use crate::runtime::ComputeDType;
+use crate::runtime::{self, CompileOptions};
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -117,7 +117,13 @@ pub fn passkey_retrieval(
     if trials == 0 {
         return Err(Error::invalid("--trials must be at least 1"));
     }
-    let mut session = DecodeSession::with_compute_dtype(graph, compute)?;
+    let mut session = runtime::backend(runtime::Device::Cpu, None)?.decoder(
+        graph,
+        &CompileOptions {
+            compute,
+            training: false,
+        },
+    )?;
     if let Some(&longest) = lengths.iter().max() {
         // The prompt's text and tokens, then its KV cache and logits.
         let prompt = longest as u128 * 16;
@@ -136,7 +142,7 @@ pub fn passkey_retrieval(
             let answer = p.key.to_string();
             let max_new = tokenizer.encode(&format!(" {answer}"))?.len() + 2;
             let out = generate_with(
-                &mut session,
+                session.as_mut(),
                 &p.tokens,
                 max_new,
                 &Sampling::greedy(),

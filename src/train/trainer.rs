@@ -8,12 +8,12 @@ use super::checkpoint::{self, TrainState};
 use super::config::{OptimizerKind, ScheduleName, TrainConfig};
 use super::data::{self, DataOptions, Dataset, Loader, TokenWidth};
 use super::metrics::{MetricsLog, StepMetrics};
-use super::optim::{clip_grad_norm, LrSchedule, Optimizer, OptimizerConfig, ScheduleKind};
+use super::optim::{LrSchedule, Optimizer, OptimizerConfig, ScheduleKind};
 use super::tokenizer::Tokenizer;
 use crate::ir::{DType, Graph, Op, Tensor, TensorData, Weight};
 use crate::passes::autodiff::{autodiff, AutodiffOptions, GradInfo};
 use crate::passes::{Pipeline, RunOptions};
-use crate::runtime::Session;
+use crate::runtime::{self, CompileOptions, Executable, TrainStep};
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -280,7 +280,9 @@ pub struct Trainer {
     out: PathBuf,
     /// The rewritten forward graph, for writing results.
     forward: Graph,
-    session: Session,
+    /// The training graph, compiled: owns the weights and applies the
+    /// optimizer where they live.
+    session: Box<dyn Executable>,
     info: GradInfo,
     /// Element counts of the trainable weights, in `info.grads` order.
     sizes: Vec<usize>,
@@ -294,10 +296,8 @@ pub struct Trainer {
     step: u64,
     /// Training time of earlier sessions of this run (resume).
     elapsed_before: f64,
-    /// Gradient sums over the micro-batches of a step (reused).
-    grad_acc: Vec<Vec<f32>>,
     /// Forward graph with the loss, for validation (built on first use).
-    valid_session: Option<Session>,
+    valid_session: Option<Box<dyn Executable>>,
     pub tokenizer: Tokenizer,
 }
 
@@ -337,12 +337,14 @@ impl Trainer {
                 "no weight is trainable: add lora and/or trainable passes (e.g. --pipeline longlora-train, or --passes trainable --set 'trainable.patterns=[\"*\"]' for full fine-tuning)",
             ));
         }
-        let session = Session::for_training(train_graph, cfg.threads, cfg.compute_dtype.compute())?;
+        let session = runtime::backend(runtime::Device::Cpu, cfg.threads)?
+            .compile(&train_graph, &training_options(&cfg))?;
+        drop(train_graph);
         let mut sizes = Vec::with_capacity(info.grads.len());
         for (w, _) in &info.grads {
             let t = session
                 .weight(w)
-                .ok_or_else(|| Error::invalid(format!("trainable weight '{w}' is missing")))?;
+                .map_err(|_| Error::invalid(format!("trainable weight '{w}' is missing")))?;
             sizes.push(t.numel());
         }
 
@@ -416,7 +418,6 @@ impl Trainer {
         } else {
             MetricsLog::create(&metrics_path)?
         };
-        let grad_acc = sizes.iter().map(|&n| vec![0f32; n]).collect();
         let mut trainer = Trainer {
             rng: SplitMix64::new(cfg.seed),
             cfg,
@@ -432,7 +433,6 @@ impl Trainer {
             metrics,
             step: 0,
             elapsed_before: 0.0,
-            grad_acc,
             valid_session: None,
             tokenizer,
         };
@@ -605,11 +605,7 @@ impl Trainer {
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let mut weights = Vec::with_capacity(self.info.grads.len());
         for (w, _) in &self.info.grads {
-            let t = self
-                .session
-                .weight(w)
-                .expect("trainable weights are resident");
-            weights.push((w.clone(), t.clone()));
+            weights.push((w.clone(), self.session.weight(w)?));
         }
         let state = TrainState {
             step: self.step,
@@ -625,58 +621,37 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// One optimizer step: `grad_accum` micro-batches, clipping, update.
+    /// One optimizer step: `grad_accum` micro-batches, clipping, update,
+    /// all done by the executable where the weights live.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let k = self.cfg.grad_accum;
-        let mut loss_sum = 0f64;
-        for acc in &mut self.grad_acc {
-            acc.fill(0.0);
-        }
         let step_no = self.step + 1;
-        for _ in 0..k {
-            let ids = self.loader.next_batch(self.cfg.batch_size);
-            let mut inputs = HashMap::with_capacity(2);
-            inputs.insert("labels".to_string(), ids.clone());
-            inputs.insert("input_ids".to_string(), ids);
-            let outs = self.session.run(&inputs)?;
-            let loss = scalar(&outs, &self.info.loss)?;
-            if !loss.is_finite() {
-                return Err(nonfinite(step_no, "loss", loss, &self.out));
-            }
-            loss_sum += loss;
-            for (i, (_, out)) in self.info.grads.iter().enumerate() {
-                let g = outs
-                    .get(out)
-                    .and_then(Tensor::as_f32)
-                    .ok_or_else(|| Error::invalid(format!("gradient '{out}' was not computed")))?;
-                if g.len() != self.grad_acc[i].len() {
-                    return Err(Error::invalid(format!(
-                        "gradient '{out}' has {} values, its weight {}",
-                        g.len(),
-                        self.grad_acc[i].len()
-                    )));
-                }
-                for (a, &x) in self.grad_acc[i].iter_mut().zip(g) {
-                    *a += x;
-                }
-            }
-            self.session.reclaim(outs);
+        let batches: Vec<HashMap<String, Tensor>> = (0..k)
+            .map(|_| {
+                let ids = self.loader.next_batch(self.cfg.batch_size);
+                HashMap::from([
+                    ("labels".to_string(), ids.clone()),
+                    ("input_ids".to_string(), ids),
+                ])
+            })
+            .collect();
+        let lr = self.schedule.lr_at(self.step);
+        let outcome = self.session.train_step(
+            &TrainStep {
+                batches: &batches,
+                loss: &self.info.loss,
+                params: &self.info.grads,
+                max_grad_norm: self.cfg.max_grad_norm as f32,
+                lr,
+            },
+            &mut self.optimizer,
+        )?;
+        if let Some(&bad) = outcome.losses.iter().find(|l| !l.is_finite()) {
+            return Err(nonfinite(step_no, "loss", bad, &self.out));
         }
-        if k > 1 {
-            let inv = 1.0 / k as f32;
-            for acc in &mut self.grad_acc {
-                acc.iter_mut().for_each(|x| *x *= inv);
-            }
-        }
-        let loss = loss_sum / k as f64;
-        let max_norm = self.cfg.max_grad_norm as f32;
-        let grad_norm = {
-            let mut views: Vec<&mut [f32]> =
-                self.grad_acc.iter_mut().map(|v| v.as_mut_slice()).collect();
-            clip_grad_norm(&mut views, max_norm)
-        };
-        if !grad_norm.is_finite() {
+        let grad_norm = outcome.grad_norm;
+        if !outcome.applied {
             return Err(nonfinite(
                 step_no,
                 "gradient norm",
@@ -684,24 +659,7 @@ impl Trainer {
                 &self.out,
             ));
         }
-        let lr = self.schedule.lr_at(self.step);
-        let names: Vec<String> = self.info.grads.iter().map(|(w, _)| w.clone()).collect();
-        let grads: Vec<&[f32]> = self.grad_acc.iter().map(|v| v.as_slice()).collect();
-        {
-            let mut params = self.session.weights_mut(&names)?;
-            let mut slices: Vec<&mut [f32]> = Vec::with_capacity(params.len());
-            for (name, t) in names.iter().zip(params.iter_mut()) {
-                match &mut t.data {
-                    TensorData::F32(v) => slices.push(v.as_mut_slice()),
-                    _ => {
-                        return Err(Error::invalid(format!(
-                            "trainable weight '{name}' is not f32"
-                        )))
-                    }
-                }
-            }
-            self.optimizer.step(&mut slices, &grads, lr)?;
-        }
+        let loss = outcome.mean_loss();
         self.step = step_no;
         let step_time = start.elapsed().as_secs_f64();
         self.elapsed_before += step_time;
@@ -728,17 +686,15 @@ impl Trainer {
         }
         if self.valid_session.is_none() {
             let g = loss_graph(&self.forward, self.cfg.ignore_index)?;
-            self.valid_session = Some(Session::for_training(
-                g,
-                self.cfg.threads,
-                self.cfg.compute_dtype.compute(),
-            )?);
+            self.valid_session = Some(
+                runtime::backend(runtime::Device::Cpu, self.cfg.threads)?
+                    .compile(&g, &training_options(&self.cfg))?,
+            );
         }
         let names: Vec<String> = self.info.grads.iter().map(|(w, _)| w.clone()).collect();
         let vs = self.valid_session.as_mut().expect("built above");
         for name in &names {
-            let t = self.session.weight(name).expect("resident").clone();
-            vs.set_weight(name, t)?;
+            vs.set_weight(name, self.session.weight(name)?)?;
         }
         let b = self.cfg.batch_size.max(1);
         let batches = rows.div_ceil(b);
@@ -766,13 +722,10 @@ impl Trainer {
     /// Copies the trained weights into the forward graph.
     pub fn sync_forward(&mut self) -> Result<&Graph> {
         for (name, _) in &self.info.grads {
-            let t = self
-                .session
-                .weight(name)
-                .expect("trainable weights are resident");
+            let t = self.session.weight(name)?;
             self.forward
                 .weights
-                .insert(Weight::from_tensor(name.clone(), t, true));
+                .insert(Weight::from_tensor(name.clone(), &t, true));
         }
         Ok(&self.forward)
     }
@@ -903,6 +856,14 @@ fn parse_dtype(s: &str) -> Result<DType> {
         other => Err(Error::invalid(format!(
             "save_dtype '{other}': expected f32, bf16 or f16"
         ))),
+    }
+}
+
+/// A training graph's compile options: trainable weights stay f32 masters.
+fn training_options(cfg: &TrainConfig) -> CompileOptions {
+    CompileOptions {
+        compute: cfg.compute_dtype.compute(),
+        training: true,
     }
 }
 

@@ -411,6 +411,32 @@ impl Cache {
     }
 }
 
+impl super::Decoder for DecodeSession<'_> {
+    fn reset(&mut self) {
+        DecodeSession::reset(self)
+    }
+
+    fn len(&self) -> usize {
+        DecodeSession::len(self)
+    }
+
+    fn bytes_per_token(&self) -> u128 {
+        DecodeSession::bytes_per_token(self)
+    }
+
+    fn check_room(&self, tokens: usize, what: &str) -> Result<()> {
+        DecodeSession::check_room(self, tokens, what)
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        DecodeSession::feed(self, tokens)
+    }
+
+    fn feed_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        DecodeSession::feed_last(self, tokens)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

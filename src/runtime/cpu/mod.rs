@@ -30,8 +30,11 @@ pub mod shape_ops;
 pub mod vmath;
 
 use super::schedule::Schedule;
-use super::Backend;
-use crate::ir::{DType, Graph, Op, Tensor, TensorData, Value, Weight};
+use super::{
+    Backend, CompileOptions, ComputeDType, Decoder, Executable, Optimizer, RunStats, StepOutcome,
+    TrainStep,
+};
+use crate::ir::{DType, Graph, Op, Tensor, TensorData, Value};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,87 +45,6 @@ use std::sync::Arc;
 pub struct CpuBackend {
     threads: Option<usize>,
     compute: ComputeDType,
-}
-
-/// The dtype activations are computed (and outputs returned) in: f32 by
-/// default; bf16 or f16 to reproduce a half-precision forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ComputeDType(DType);
-
-impl Default for ComputeDType {
-    fn default() -> Self {
-        ComputeDType::F32
-    }
-}
-
-impl ComputeDType {
-    pub const F32: ComputeDType = ComputeDType(DType::F32);
-
-    /// f32, bf16 or f16.
-    pub fn new(dtype: DType) -> Result<ComputeDType> {
-        match dtype {
-            DType::F32 | DType::BF16 | DType::F16 => Ok(ComputeDType(dtype)),
-            other => Err(Error::invalid(format!(
-                "compute dtype {other}: expected f32, bf16 or f16"
-            ))),
-        }
-    }
-
-    /// `f32`, `bf16`, `f16` (and the long names `float32`, `bfloat16`, `float16`).
-    pub fn parse(text: &str) -> Result<ComputeDType> {
-        match text {
-            "f32" | "float32" => Ok(ComputeDType(DType::F32)),
-            "bf16" | "bfloat16" => Ok(ComputeDType(DType::BF16)),
-            "f16" | "float16" => Ok(ComputeDType(DType::F16)),
-            other => Err(Error::invalid(format!(
-                "compute dtype '{other}': expected f32, bf16 or f16"
-            ))),
-        }
-    }
-
-    pub fn dtype(self) -> DType {
-        self.0
-    }
-
-    /// A floating weight decoded for computing in this dtype: widened to f32
-    /// (exact), or rounded to bf16/f16. Other dtypes are left as they are.
-    pub fn decode(self, w: &Weight) -> Result<Tensor> {
-        let mut t = w.to_tensor()?;
-        self.adopt(&mut t);
-        Ok(t)
-    }
-
-    /// Brings a decoded floating tensor to this dtype (see [`Self::decode`]).
-    pub fn adopt(self, t: &mut Tensor) {
-        if let TensorData::F32(v) = &mut t.data {
-            if matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) && t.dtype != self.0 {
-                layout::round_to_storage(self.0, v);
-                t.dtype = self.0;
-            }
-        }
-    }
-}
-
-/// What a run did with memory, for tests and `--explain`-style reports.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RunStats {
-    /// Nodes executed (graph inputs and weights included).
-    pub nodes_run: usize,
-    /// Weights decoded from their stored bytes.
-    pub weights_decoded: usize,
-    /// Most values held at once (after a node's outputs were stored and
-    /// before its dead inputs were released).
-    pub peak_live_values: usize,
-    /// Most bytes held at once by those values; a buffer shared by several
-    /// values counts once.
-    pub peak_live_bytes: usize,
-    /// Kernel time by op name: (nodes run, total time). Graph inputs and
-    /// weights are not counted.
-    pub op_time: BTreeMap<&'static str, (usize, std::time::Duration)>,
-    /// Kernel output buffers taken from the session's pool (reused) and
-    /// newly allocated, on the executor's thread (see [`pool`]).
-    pub buffers_reused: usize,
-    pub buffers_allocated: usize,
 }
 
 impl CpuBackend {
@@ -169,6 +91,26 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn compile(&self, graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn Executable>> {
+        Ok(Box::new(Session::build(
+            graph.clone(),
+            self.threads,
+            opts.compute,
+            opts.training,
+        )?))
+    }
+
+    fn decoder<'g>(
+        &self,
+        graph: &'g Graph,
+        opts: &CompileOptions,
+    ) -> Result<Box<dyn Decoder + 'g>> {
+        Ok(Box::new(decode::DecodeSession::with_compute_dtype(
+            graph,
+            opts.compute,
+        )?))
+    }
+
     fn run(
         &self,
         graph: &Graph,
@@ -207,6 +149,10 @@ pub struct Session {
     pool: Option<rayon::ThreadPool>,
     /// Buffers of the previous runs' dead values, for the next runs.
     buffers: std::sync::Mutex<pool::BufferPool>,
+    /// What the last run or training step did.
+    last_stats: RunStats,
+    /// Gradient accumulators of `train_step`, one per trainable weight.
+    grad_acc: Vec<Vec<f32>>,
 }
 
 impl Session {
@@ -237,7 +183,7 @@ impl Session {
         Session::build(graph, threads, compute, true)
     }
 
-    fn build(
+    pub(crate) fn build(
         graph: Graph,
         threads: Option<usize>,
         compute: ComputeDType,
@@ -283,6 +229,8 @@ impl Session {
             weights,
             pool,
             buffers: Default::default(),
+            last_stats: RunStats::default(),
+            grad_acc: Vec::new(),
         })
     }
 
@@ -411,6 +359,162 @@ impl Session {
                 .insert(crate::ir::Weight::from_tensor(name.clone(), t, trainable));
         }
         Ok(&self.graph)
+    }
+}
+
+impl Executable for Session {
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        let (out, stats) = self.run_with_stats(inputs)?;
+        self.last_stats = stats;
+        Ok(out)
+    }
+
+    fn train_step(&mut self, step: &TrainStep, optimizer: &mut Optimizer) -> Result<StepOutcome> {
+        let names: Vec<String> = step.params.iter().map(|(w, _)| w.clone()).collect();
+        let sizes: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                self.weight(n).map(Tensor::numel).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "trainable weight '{n}' is not a weight of the graph"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        if self.grad_acc.len() != sizes.len()
+            || self.grad_acc.iter().zip(&sizes).any(|(a, &n)| a.len() != n)
+        {
+            self.grad_acc = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        } else {
+            self.grad_acc.iter_mut().for_each(|a| a.fill(0.0));
+        }
+        let mut stats = RunStats::default();
+        let mut losses = Vec::with_capacity(step.batches.len());
+        for batch in step.batches {
+            let (outs, s) = self.run_with_stats(batch)?;
+            merge_stats(&mut stats, s);
+            let loss = outs
+                .get(step.loss)
+                .and_then(|t| t.to_f64_vec().first().copied())
+                .ok_or_else(|| Error::invalid(format!("the graph computed no '{}'", step.loss)))?;
+            losses.push(loss);
+            if !loss.is_finite() {
+                self.reclaim(outs);
+                self.last_stats = stats;
+                return Ok(StepOutcome {
+                    losses,
+                    grad_norm: f32::NAN,
+                    applied: false,
+                });
+            }
+            for (acc, (_, out)) in self.grad_acc.iter_mut().zip(step.params) {
+                let g = outs
+                    .get(out)
+                    .and_then(Tensor::as_f32)
+                    .ok_or_else(|| Error::invalid(format!("gradient '{out}' was not computed")))?;
+                if g.len() != acc.len() {
+                    return Err(Error::invalid(format!(
+                        "gradient '{out}' has {} values, its weight {}",
+                        g.len(),
+                        acc.len()
+                    )));
+                }
+                acc.iter_mut().zip(g).for_each(|(a, &x)| *a += x);
+            }
+            self.reclaim(outs);
+        }
+        let start = std::time::Instant::now();
+        let k = step.batches.len();
+        if k > 1 {
+            let inv = 1.0 / k as f32;
+            self.grad_acc
+                .iter_mut()
+                .for_each(|a| a.iter_mut().for_each(|x| *x *= inv));
+        }
+        let grad_norm = {
+            let mut views: Vec<&mut [f32]> =
+                self.grad_acc.iter_mut().map(|v| v.as_mut_slice()).collect();
+            super::optim::clip_grad_norm(&mut views, step.max_grad_norm)
+        };
+        if !grad_norm.is_finite() {
+            self.last_stats = stats;
+            return Ok(StepOutcome {
+                losses,
+                grad_norm,
+                applied: false,
+            });
+        }
+        // The update, in place on the resident weights (in the session's
+        // threads): no weight is copied.
+        let grad_acc = std::mem::take(&mut self.grad_acc);
+        let result = {
+            let pool = self.pool.take();
+            let r = {
+                let mut params = self.weights_mut(&names)?;
+                let mut slices: Vec<&mut [f32]> = Vec::with_capacity(params.len());
+                for (name, t) in names.iter().zip(params.iter_mut()) {
+                    match &mut t.data {
+                        TensorData::F32(v) => slices.push(v.as_mut_slice()),
+                        _ => {
+                            return Err(Error::invalid(format!(
+                                "trainable weight '{name}' is not f32"
+                            )))
+                        }
+                    }
+                }
+                let grads: Vec<&[f32]> = grad_acc.iter().map(|v| v.as_slice()).collect();
+                match &pool {
+                    Some(p) => p.install(|| optimizer.step(&mut slices, &grads, step.lr)),
+                    None => optimizer.step(&mut slices, &grads, step.lr),
+                }
+            };
+            self.pool = pool;
+            r
+        };
+        self.grad_acc = grad_acc;
+        result?;
+        let e = stats.op_time.entry("optimizer").or_default();
+        e.0 += 1;
+        e.1 += start.elapsed();
+        self.last_stats = stats;
+        Ok(StepOutcome {
+            losses,
+            grad_norm,
+            applied: true,
+        })
+    }
+
+    fn stats(&self) -> &RunStats {
+        &self.last_stats
+    }
+
+    fn weight(&self, name: &str) -> Result<Tensor> {
+        Session::weight(self, name)
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("'{name}' is not a weight of the graph")))
+    }
+
+    fn set_weight(&mut self, name: &str, t: Tensor) -> Result<()> {
+        Session::set_weight(self, name, t)
+    }
+}
+
+/// Adds the counts and times of `s` to `into`; peaks take the maximum.
+fn merge_stats(into: &mut RunStats, s: RunStats) {
+    into.nodes_run += s.nodes_run;
+    into.weights_decoded += s.weights_decoded;
+    into.peak_live_values = into.peak_live_values.max(s.peak_live_values);
+    into.peak_live_bytes = into.peak_live_bytes.max(s.peak_live_bytes);
+    into.buffers_reused += s.buffers_reused;
+    into.buffers_allocated += s.buffers_allocated;
+    for (op, (n, t)) in s.op_time {
+        let e = into.op_time.entry(op).or_default();
+        e.0 += n;
+        e.1 += t;
     }
 }
 

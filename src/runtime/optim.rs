@@ -1,5 +1,7 @@
 //! Optimizers (AdamW, SGD), global gradient-norm clipping and learning-rate
-//! schedules, with the exact update rules of `torch.optim` and the schedule
+//! schedules. Backends apply the optimizer where the weights live
+//! ([`super::Executable::train_step`]); the rules are
+//! the exact update rules of `torch.optim` and the schedule
 //! formulas of `transformers`, so a run can be compared step by step with a
 //! PyTorch one.
 //!
