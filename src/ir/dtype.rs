@@ -28,6 +28,28 @@ impl DType {
         }
     }
 
+    /// The dtype of combining two float values (as torch promotes): equal
+    /// types stay, f64 wins, any other mix computes in f32.
+    pub fn promote(self, other: DType) -> DType {
+        if self == other {
+            self
+        } else if self == DType::F64 || other == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    /// The dtype lcc computes a float result of this type in: f64 stays
+    /// f64, everything else is f32.
+    pub fn compute(self) -> DType {
+        if self == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
     }

@@ -1117,7 +1117,7 @@ fn rule(cx: &Cx) -> Out {
             });
             // LLaMA-level ops compute in f32 (f64 stays f64) whatever the
             // weights' storage dtype.
-            one(Some(shaped(loss_dtype(w.dtype), dims)))
+            one(Some(shaped(w.dtype.compute(), dims)))
         }
         Op::RmsNorm { .. } => {
             let (Some(x), Some(w)) = (cx.ty(0), cx.ty(1)) else {
@@ -1137,7 +1137,7 @@ fn rule(cx: &Cx) -> Out {
                     }
                 }
             }
-            one(Some(shaped(promote(x.dtype, w.dtype), x.shape.clone())))
+            one(Some(shaped(x.dtype.promote(w.dtype), x.shape.clone())))
         }
         Op::Rope(r) | Op::RopeGrad(r) => {
             if let Some(d) = act3(cx, 0, "the input")? {
@@ -1180,7 +1180,7 @@ fn rule(cx: &Cx) -> Out {
                 return Err(format!("the weight is {}, must be [out, in]", show(wd)));
             }
             let Some(xd) = x.dims() else {
-                return one(Some(TensorType::unranked(promote(x.dtype, w.dtype))));
+                return one(Some(TensorType::unranked(x.dtype.promote(w.dtype))));
             };
             let last = xd.last().ok_or("the input is a scalar")?;
             if let (Some(a), Some(b)) = (last.fixed(), wd[1].fixed()) {
@@ -1213,7 +1213,7 @@ fn rule(cx: &Cx) -> Out {
             }
             let mut dims = xd.to_vec();
             *dims.last_mut().expect("rank checked") = wd[0].clone();
-            one(Some(shaped(promote(x.dtype, w.dtype), Some(dims))))
+            one(Some(shaped(x.dtype.promote(w.dtype), Some(dims))))
         }
         Op::SwiGlu => {
             let (Some(g), Some(u)) = (cx.ty(0), cx.ty(1)) else {
@@ -1229,7 +1229,7 @@ fn rule(cx: &Cx) -> Out {
                     ));
                 }
             }
-            one(Some(shaped(promote(g.dtype, u.dtype), g.shape.clone())))
+            one(Some(shaped(g.dtype.promote(u.dtype), g.shape.clone())))
         }
         Op::CrossEntropy { .. } => {
             let Some(l) = cx.ty(0) else {
@@ -1243,7 +1243,7 @@ fn rule(cx: &Cx) -> Out {
                     ));
                 }
             }
-            one(Some(TensorType::new(loss_dtype(l.dtype), vec![])))
+            one(Some(TensorType::new(l.dtype.compute(), vec![])))
         }
         Op::CrossEntropyGrad { .. } => same(0),
         Op::RmsNormGrad { .. } => Ok(vec![cx.ty(0).cloned(), cx.ty(1).cloned()]),
@@ -1256,7 +1256,7 @@ fn rule(cx: &Cx) -> Out {
             let dtype = if x.dtype == dy.dtype {
                 x.dtype
             } else {
-                loss_dtype(x.dtype)
+                x.dtype.compute()
             };
             let dims = match (x.dims(), dy.dims()) {
                 (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => {
@@ -1266,26 +1266,6 @@ fn rule(cx: &Cx) -> Out {
             };
             one(Some(shaped(dtype, dims)))
         }
-    }
-}
-
-/// The result dtype of combining two float tensors (as the kernels promote).
-fn promote(a: DType, b: DType) -> DType {
-    if a == b {
-        a
-    } else if a == DType::F64 || b == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// f64 stays f64; everything else computes a loss in f32.
-fn loss_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
     }
 }
 

@@ -103,14 +103,19 @@ pub fn generate(
     eos: Option<u32>,
     compute: ComputeDType,
 ) -> Result<Vec<u32>> {
-    let mut session = runtime::backend(runtime::Device::Cpu, None)?.decoder(
+    let mut session = decoder(graph, compute)?;
+    generate_with(session.as_mut(), prompt, max_new, sampling, eos)
+}
+
+/// A KV-cache decoder for `graph` on the CPU backend, computing in `compute`.
+pub fn decoder(graph: &Graph, compute: ComputeDType) -> Result<Box<dyn Decoder + '_>> {
+    runtime::backend(runtime::Device::Cpu, None)?.decoder(
         graph,
         &CompileOptions {
             compute,
             training: false,
         },
-    )?;
-    generate_with(session.as_mut(), prompt, max_new, sampling, eos)
+    )
 }
 
 /// [`generate`] on an existing session (reset first), so that repeated

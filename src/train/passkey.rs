@@ -6,7 +6,6 @@ use super::generate::{generate_with, Sampling};
 use super::tokenizer::Tokenizer;
 use crate::ir::Graph;
 use crate::runtime::ComputeDType;
-use crate::runtime::{self, CompileOptions};
 use crate::util::SplitMix64;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -117,13 +116,7 @@ pub fn passkey_retrieval(
     if trials == 0 {
         return Err(Error::invalid("--trials must be at least 1"));
     }
-    let mut session = runtime::backend(runtime::Device::Cpu, None)?.decoder(
-        graph,
-        &CompileOptions {
-            compute,
-            training: false,
-        },
-    )?;
+    let mut session = super::generate::decoder(graph, compute)?;
     if let Some(&longest) = lengths.iter().max() {
         // The prompt's text and tokens, then its KV cache and logits.
         let prompt = longest as u128 * 16;

@@ -61,15 +61,10 @@ fn float_kind_error(op: &str, what: &str, t: &Tensor) -> String {
     format!("{op} needs a float {what}, got {}", t.dtype)
 }
 
-/// The result dtype of combining two float tensors (as torch promotes).
+/// The result dtype of combining two float tensors ([`DType::promote`], the
+/// rule type inference uses too).
 fn promote(a: DType, b: DType) -> DType {
-    if a == b {
-        a
-    } else if a == DType::F64 || b == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
+    a.promote(b)
 }
 
 /// Whether two tensors hold the same kind of data (both f32-held, both f64…).
