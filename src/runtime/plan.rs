@@ -75,9 +75,10 @@ pub struct MemoryPlan {
 }
 
 /// Binds the symbols of the graph: the dims of `input_ids` (else of the
-/// first input) are `[batch, seq]`; every other symbol must be named in
-/// `extra`. An unbound symbol is an error naming it.
-pub fn bind_batch_seq(graph: &Graph, batch: usize, seq: usize) -> Result<BTreeMap<String, usize>> {
+/// first input) are `[batch, seq]`, and so are lcc's own `batch` and `seq`.
+/// A value whose size reads any other symbol is an error naming it when it
+/// is planned.
+pub fn bind_batch_seq(graph: &Graph, batch: usize, seq: usize) -> BTreeMap<String, usize> {
     let mut b = BTreeMap::new();
     let first = graph
         .inputs
@@ -98,7 +99,7 @@ pub fn bind_batch_seq(graph: &Graph, batch: usize, seq: usize) -> Result<BTreeMa
     // The names lcc's own builders use, for graphs whose inputs say less.
     b.entry("batch".into()).or_insert(batch);
     b.entry("seq".into()).or_insert(seq);
-    Ok(b)
+    b
 }
 
 fn value_bytes(
@@ -300,10 +301,10 @@ pub fn step_memory(
     optimizer_states: u64,
     process_bytes: Option<u64>,
 ) -> Result<StepMemory> {
-    let bindings = bind_batch_seq(graph, batch, seq_len)?;
+    let bindings = bind_batch_seq(graph, batch, seq_len);
     let sched = Schedule::new(graph)?;
     let p = plan(graph, &sched, &bindings, elem)?;
-    let grads: Vec<Value> = graph
+    let grads: std::collections::HashSet<Value> = graph
         .outputs
         .iter()
         .filter(|(n, _)| n.starts_with("grad:"))

@@ -6,24 +6,31 @@ use crate::ir::{Tensor, TensorData};
 use crate::runtime::cpu::linalg::{finish, output_numel, Real};
 use rayon::prelude::*;
 
+/// `(vocab, hidden)` of a `[vocab, hidden]` table, the ids, and the shape
+/// of the looked-up rows (`ids.shape ++ [hidden]`), for the lookup and its
+/// backward alike.
+type Lookup<'a> = (usize, usize, &'a [i64], Vec<usize>);
+
+fn lookup_geometry<'a>(op: &str, weight: &Tensor, ids: &'a Tensor) -> Result<Lookup<'a>, String> {
+    let [vocab, hidden] = *weight.shape.as_slice() else {
+        return Err(format!(
+            "{op} weight must be 2-D [vocab, hidden], got {:?}",
+            weight.shape
+        ));
+    };
+    let id_vals = ids
+        .as_i64()
+        .ok_or_else(|| format!("{op} ids must be integers, got {}", ids.dtype))?;
+    let mut shape = ids.shape.clone();
+    shape.push(hidden);
+    Ok((vocab, hidden, id_vals, shape))
+}
+
 /// Token embedding: rows of `weight` `[vocab, hidden]` picked by `ids` (any
 /// integer type, any shape) → `ids.shape ++ [hidden]`.
 pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor, String> {
     const OP: &str = "Embedding";
-    let (vocab, hidden) = match *weight.shape.as_slice() {
-        [v, h] => (v, h),
-        _ => {
-            return Err(format!(
-                "{OP} weight must be 2-D [vocab, hidden], got {:?}",
-                weight.shape
-            ))
-        }
-    };
-    let id_vals = ids
-        .as_i64()
-        .ok_or_else(|| format!("{OP} ids must be integers, got {}", ids.dtype))?;
-    let mut shape = ids.shape.clone();
-    shape.push(hidden);
+    let (vocab, hidden, id_vals, shape) = lookup_geometry(OP, weight, ids)?;
     output_numel(&shape, weight.dtype.size().max(4), "Embedding output")?;
     for &id in id_vals {
         if id < 0 || id as usize >= vocab {
@@ -58,20 +65,7 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor, String> {
 /// whatever the thread count. `weight` is read only for its shape and type.
 pub fn embedding_grad(weight: &Tensor, ids: &Tensor, dy: &Tensor) -> Result<Tensor, String> {
     const OP: &str = "EmbeddingGrad";
-    let (vocab, hidden) = match *weight.shape.as_slice() {
-        [v, h] => (v, h),
-        _ => {
-            return Err(format!(
-                "{OP} weight must be 2-D [vocab, hidden], got {:?}",
-                weight.shape
-            ))
-        }
-    };
-    let id_vals = ids
-        .as_i64()
-        .ok_or_else(|| format!("{OP} ids must be integers, got {}", ids.dtype))?;
-    let mut want = ids.shape.clone();
-    want.push(hidden);
+    let (vocab, hidden, id_vals, want) = lookup_geometry(OP, weight, ids)?;
     if dy.shape != want {
         return Err(format!(
             "{OP} dy {:?} does not match ids {:?} × hidden {hidden} (expected {want:?})",
