@@ -246,6 +246,20 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
                 let f = 2 * t * inp * out + 2 * t * inp * rank + 2 * t * rank * out;
                 (c.role(n, at(1)), f)
             }
+            Op::MergedLinear(m) => {
+                let (out, inp) = c.matrix(n, at(1), "the merged weight (input 1)")?;
+                let t = c.tokens(at(0));
+                let mut f = 2 * t * inp * out;
+                for (part, ports) in m.parts.iter().zip(m.lora_ports()) {
+                    if let (Some(l), Some((pa, pb))) = (&part.lora, ports) {
+                        lora_weights.extend(weight_name(at(pa)));
+                        lora_weights.extend(weight_name(at(pb)));
+                        let r = l.rank as u128;
+                        f += 2 * t * inp * r + 2 * t * r * part.out_features as u128;
+                    }
+                }
+                (c.role(n, None), f)
+            }
             // An ONNX MatMul by a weight stored [in, out].
             Op::MatMul if weight_name(at(1)).is_some() => {
                 let (inp, out) = c.matrix(n, at(1), "the weight (input 1)")?;
@@ -271,6 +285,7 @@ pub fn cost(graph: &Graph, seq_len: usize, batch: usize) -> Result<Cost> {
             // op by op so that a new LLaMA-level op does not compile until
             // it is counted or listed here.
             Op::Rope(_) | Op::SwiGlu | crate::boundary_ops!() | crate::training_ops!() => continue,
+            Op::Fused(_) => continue,
             crate::onnx_elementwise_ops!()
             | crate::onnx_math_ops!()
             | crate::onnx_shape_ops!()

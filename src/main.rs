@@ -199,6 +199,10 @@ enum Command {
         /// (and the optimizer).
         #[arg(long)]
         profile: bool,
+        /// Run the training graph as autodiff leaves it, without the `fuse`
+        /// pass (merged q/k/v and gate/up GEMMs, fused elementwise chains).
+        #[arg(long)]
+        no_fuse: bool,
     },
     /// Write a randomly initialised model (a Hugging Face dir) from a
     /// config.json, for pretraining and benchmarks.
@@ -697,6 +701,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             json,
             profile,
+            no_fuse,
         } => bench(
             &config,
             &seq_len,
@@ -708,6 +713,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             json,
             profile,
+            !no_fuse,
         ),
         Command::Init {
             config,
@@ -1158,6 +1164,7 @@ fn bench(
     threads: Option<usize>,
     json: bool,
     profile: bool,
+    fuse: bool,
 ) -> Result<ExitCode> {
     use lcc::train::bench::{bench_train_step, BenchOptions};
     let patterns: &[bool] = match attention {
@@ -1183,6 +1190,7 @@ fn bench(
                 steps,
                 threads,
                 seed: 0,
+                fuse,
             };
             let r = bench_train_step(config, &opts)?;
             if json {

@@ -1215,6 +1215,80 @@ fn rule(cx: &Cx) -> Out {
             *dims.last_mut().expect("rank checked") = wd[0].clone();
             one(Some(shaped(x.dtype.promote(w.dtype), Some(dims))))
         }
+        Op::Fused(e) => {
+            e.check()?;
+            let dtype = e.dtype().ok_or("the expression has no steps")?;
+            if (0..cx.tys.len()).any(|i| cx.ty(i).is_none()) {
+                return one(None);
+            }
+            for i in 0..cx.tys.len() {
+                let d = cx.ty(i).map(|t| t.dtype);
+                if d.is_some_and(|d| !d.is_float()) {
+                    return Err(format!("input {i} is {}; fused inputs are float", d.unwrap_or(DType::F32)));
+                }
+            }
+            let dims = broadcast_all(cx, 0..cx.tys.len())?;
+            one(Some(shaped(dtype, dims)))
+        }
+        Op::MergedLinear(m) => {
+            let (Some(x), Some(w)) = (cx.ty(0), cx.ty(1)) else {
+                return Ok(vec![None; m.parts.len()]);
+            };
+            let wd = w.dims().ok_or("the merged weight's shape is unknown")?;
+            if wd.len() != 2 {
+                return Err(format!("the merged weight is {}, must be [out, in]", show(wd)));
+            }
+            if let Some(o) = wd[0].fixed() {
+                if o != m.total_out() as u64 {
+                    return Err(format!(
+                        "the merged weight {} has {o} rows, its parts {} in all",
+                        show(wd),
+                        m.total_out()
+                    ));
+                }
+            }
+            let dtype = x.dtype.promote(w.dtype);
+            let Some(xd) = x.dims() else {
+                return Ok(vec![Some(TensorType::unranked(dtype)); m.parts.len()]);
+            };
+            let last = xd.last().ok_or("the input is a scalar")?;
+            if let (Some(a), Some(b)) = (last.fixed(), wd[1].fixed()) {
+                if a != b {
+                    return Err(format!(
+                        "input {} does not match the merged weight {} (in features)",
+                        show(xd),
+                        show(wd)
+                    ));
+                }
+            }
+            let mut outs = Vec::with_capacity(m.parts.len());
+            for (i, (part, ports)) in m.parts.iter().zip(m.lora_ports()).enumerate() {
+                if let (Some(l), Some((pa, pb))) = (&part.lora, ports) {
+                    if let (Some(ad), Some(bd)) = (cx.dims(pa), cx.dims(pb)) {
+                        let r = l.rank as u64;
+                        let ok = ad.len() == 2
+                            && bd.len() == 2
+                            && ad[0].fixed().is_none_or(|x| x == r)
+                            && bd[1].fixed().is_none_or(|x| x == r)
+                            && ad[1] == wd[1]
+                            && bd[0].fixed().is_none_or(|x| x == part.out_features as u64);
+                        if !ok {
+                            return Err(format!(
+                                "part {i}: lora_A {} and lora_B {} do not fit [{}, {}] at rank {r}",
+                                show(ad),
+                                show(bd),
+                                part.out_features,
+                                wd[1]
+                            ));
+                        }
+                    }
+                }
+                let mut dims = xd.to_vec();
+                *dims.last_mut().expect("rank checked") = Dim::Fixed(part.out_features as u64);
+                outs.push(Some(shaped(dtype, Some(dims))));
+            }
+            Ok(outs)
+        }
         Op::SwiGlu => {
             let (Some(g), Some(u)) = (cx.ty(0), cx.ty(1)) else {
                 return one(None);

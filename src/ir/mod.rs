@@ -3,6 +3,7 @@
 //! canonical print and a patch API for rewrites.
 
 pub mod diff;
+mod fused;
 mod dtype;
 mod graph;
 pub mod infer;
@@ -17,6 +18,7 @@ mod weights;
 
 pub use dtype::DType;
 pub use graph::{beyond_config, Edge, Graph, ModelMeta, Node, Output, Value, BEYOND_CONFIG_PROP};
+pub use fused::{expand, expand_all, fusable_binary, fusable_unary, FusedExpr, FusedStep, MergedLinear, MergedPart};
 pub use op::*;
 pub use patch::{Patch, PatchStats, PatchValue};
 pub use petgraph::stable_graph::NodeIndex;

@@ -275,6 +275,14 @@ macro_rules! llama_ops {
     };
 }
 
+/// The pattern of every [`OpLevel::Fused`] op.
+#[macro_export]
+macro_rules! fused_ops {
+    () => {
+        $crate::ir::Op::Fused(_) | $crate::ir::Op::MergedLinear(_)
+    };
+}
+
 /// The pattern of every [`OpLevel::Training`] op.
 #[macro_export]
 macro_rules! training_ops {
@@ -302,6 +310,9 @@ pub enum OpLevel {
     Llama,
     /// Loss and backward ops, made by `autodiff`.
     Training,
+    /// Kernel fusions, made by `fuse` (after `autodiff`); each has a
+    /// reference meaning in the other levels' ops ([`crate::ir::expand`]).
+    Fused,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -462,6 +473,13 @@ pub enum Op {
     EmbeddingGrad,
     /// Inputs: x [..., in], dy [..., out] → dW [out, in] = Σ_rows dyᵀ·x.
     LinearGradWeight,
+
+    // --- fusions (made by `fuse`, after `autodiff`) -----------------------
+    /// A chain of elementwise ops as one expression DAG over the inputs.
+    Fused(super::FusedExpr),
+    /// Projections of one input as one GEMM against their concatenated
+    /// weight, one output per projection (see [`super::MergedLinear`]).
+    MergedLinear(super::MergedLinear),
 }
 
 impl Op {
@@ -556,6 +574,8 @@ impl Op {
             Op::SwiGluGrad => "SwiGluGrad",
             Op::EmbeddingGrad => "EmbeddingGrad",
             Op::LinearGradWeight => "LinearGradWeight",
+            Op::Fused(_) => "Fused",
+            Op::MergedLinear(_) => "MergedLinear",
         }
     }
 
@@ -571,7 +591,13 @@ impl Op {
             crate::onnx_ops!() => OpLevel::Onnx,
             crate::llama_ops!() => OpLevel::Llama,
             crate::training_ops!() => OpLevel::Training,
+            crate::fused_ops!() => OpLevel::Fused,
         }
+    }
+
+    /// A fusion made by the `fuse` pass.
+    pub fn is_fused(&self) -> bool {
+        self.level() == OpLevel::Fused
     }
 
     /// An op of the LLaMA forward that ONNX has no single op for.
@@ -619,6 +645,8 @@ impl Op {
             Op::SwiGluGrad => (3, 3),
             Op::EmbeddingGrad => (3, 3),
             Op::LinearGradWeight => (2, 2),
+            Op::Fused(e) => (e.num_inputs(), e.num_inputs()),
+            Op::MergedLinear(m) => (m.num_inputs(), m.num_inputs()),
         }
     }
 
@@ -635,6 +663,7 @@ impl Op {
             Op::OnnxAttention(at) => at.num_outputs,
             Op::AttentionFwd(_) | Op::RmsNormGrad { .. } | Op::SwiGluGrad => 2,
             Op::AttentionGrad(_) => 3,
+            Op::MergedLinear(m) => m.parts.len(),
             _ => 1,
         }
     }
@@ -857,6 +886,29 @@ impl Op {
                         }
                     }
                 }
+            }
+            Op::Fused(e) => {
+                a.push(("expr", e.render()));
+                let d: Vec<String> = e.dtypes.iter().map(|d| d.to_string()).collect();
+                a.push(("dtypes", format!("[{}]", d.join(","))));
+            }
+            Op::MergedLinear(m) => {
+                let parts: Vec<String> = m
+                    .parts
+                    .iter()
+                    .map(|p| match &p.lora {
+                        None => p.out_features.to_string(),
+                        Some(l) => {
+                            let mut s = format!("{}+lora(r={},alpha={}", p.out_features, l.rank, f(l.alpha));
+                            if l.rslora {
+                                s.push_str(",rslora");
+                            }
+                            s.push(')');
+                            s
+                        }
+                    })
+                    .collect();
+                a.push(("parts", format!("[{}]", parts.join(","))));
             }
             Op::LoraLinear(l) => {
                 a.push(("rank", l.rank.to_string()));

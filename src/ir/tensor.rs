@@ -78,6 +78,23 @@ impl Tensor {
         Tensor::i64(vec![], vec![v])
     }
 
+    /// A float scalar of `dtype` (f16/bf16 rounded to their precision;
+    /// any other dtype gives f32).
+    pub fn scalar_of(dtype: DType, v: f64) -> Tensor {
+        let data = match dtype {
+            DType::F64 => TensorData::F64(vec![v]),
+            DType::F16 => TensorData::F32(vec![half::f16::from_f64(v).to_f32()]),
+            DType::BF16 => TensorData::F32(vec![half::bf16::from_f64(v).to_f32()]),
+            _ => TensorData::F32(vec![v as f32]),
+        };
+        let dtype = if dtype.is_float() { dtype } else { DType::F32 };
+        Tensor {
+            dtype,
+            shape: vec![],
+            data,
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.data.len()
     }

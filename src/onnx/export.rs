@@ -185,7 +185,10 @@ impl Prepared<'_> {
 
 fn prepare(graph: &Graph) -> Result<Prepared<'_>> {
     let declared = graph.meta.default_opset();
-    let needs_lowering = graph.g.node_weights().any(|n| n.op.is_llama_level());
+    let needs_lowering = graph
+        .g
+        .node_weights()
+        .any(|n| n.op.is_llama_level() || n.op.is_fused());
     let base = match declared {
         Some(v) if needs_lowering => v.max(17),
         Some(v) => v,

@@ -17,9 +17,11 @@ use crate::ir::{
 use crate::{Error, Result};
 
 /// Returns a copy of `graph` with every LLaMA-level op replaced by ONNX
-/// primitives valid at `opset` (17 or later).
+/// primitives valid at `opset` (17 or later). Fused ops (made by `fuse`)
+/// are expanded into the ops they stand for first.
 pub fn lower(graph: &Graph, opset: i64) -> Result<Graph> {
     let mut g = graph.clone();
+    crate::ir::expand_all(&mut g)?;
     let order = g.topo_order()?;
     for n in order {
         if !g.node(n).op.is_llama_level() {
@@ -77,7 +79,10 @@ pub fn lower(graph: &Graph, opset: i64) -> Result<Graph> {
             // Filtered out above: every other level is ONNX already or has
             // no ONNX form. A new LLaMA-level op does not compile until it
             // has a lowering.
-            other @ (crate::boundary_ops!() | crate::onnx_ops!() | crate::training_ops!()) => {
+            other @ (crate::boundary_ops!()
+            | crate::onnx_ops!()
+            | crate::training_ops!()
+            | crate::fused_ops!()) => {
                 return Err(Error::invalid(format!(
                     "node '{display}': no ONNX lowering for {}",
                     other.name()

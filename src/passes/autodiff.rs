@@ -536,6 +536,12 @@ impl Backward<'_> {
                 fwd.name,
                 other.name()
             ))),
+            // Fusions come after autodiff, never before.
+            other @ crate::fused_ops!() => Err(Error::invalid(format!(
+                "autodiff: node '{}' ({}) is a fusion; run `fuse` after autodiff, not before",
+                fwd.name,
+                other.name()
+            ))),
         }
     }
 

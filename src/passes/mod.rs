@@ -17,6 +17,7 @@ pub mod autodiff;
 mod cse;
 mod dce;
 mod fold;
+mod fuse;
 pub mod lora;
 pub mod merge_lora;
 mod pi;
@@ -77,6 +78,12 @@ pub fn ensure_llama_level(graph: &mut Graph, why: &str) -> Result<Option<Report>
         format!("{why} needs LLaMA-level ops and the graph held primitive ONNX ops (a torch export); --no-raise turns this off"),
     );
     Ok(Some(report))
+}
+
+/// Runs `fuse` with its default options on a training graph that
+/// `autodiff` made (what `run-train` and `bench` compile).
+pub fn fuse_training_graph(graph: &mut Graph) -> Result<Report> {
+    fuse::Fuse::new(fuse::Options::default()).run(graph)
 }
 
 /// What a pass did, for `--explain`.
@@ -205,6 +212,11 @@ pub const REGISTRY: &[PassEntry] = &[
         name: "autodiff",
         about: "training step: cross-entropy loss on new input labels, and the gradient of every trainable weight as outputs",
         make: |s| boxed(s, autodiff::Autodiff::new),
+    },
+    PassEntry {
+        name: "fuse",
+        about: "kernel fusion after autodiff: merges q/k/v and gate/up into one GEMM each, and elementwise chains into one expression",
+        make: |s| boxed(s, fuse::Fuse::new),
     },
 ];
 

@@ -26,11 +26,20 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(graph: &Graph) -> Result<Schedule> {
+        Schedule::with_precomputed(graph, &std::collections::HashSet::new())
+    }
+
+    /// The schedule of a run in which the nodes of `precomputed` are already
+    /// computed (at compile time): what only they read is not run.
+    pub fn with_precomputed(
+        graph: &Graph,
+        precomputed: &std::collections::HashSet<NodeIndex>,
+    ) -> Result<Schedule> {
         let full = graph.topo_order()?;
         let mut needed = vec![false; graph.g.node_bound()];
         let mut stack: Vec<NodeIndex> = graph.outputs.iter().map(|(_, v)| v.node).collect();
         while let Some(n) = stack.pop() {
-            if std::mem::replace(&mut needed[n.index()], true) {
+            if std::mem::replace(&mut needed[n.index()], true) || precomputed.contains(&n) {
                 continue;
             }
             stack.extend(graph.inputs_of(n).into_iter().flatten().map(|v| v.node));

@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub steps: usize,
     pub threads: Option<usize>,
     pub seed: u64,
+    /// Run the `fuse` pass after autodiff (as `run-train` does).
+    pub fuse: bool,
 }
 
 /// What one configuration measured.
@@ -83,6 +85,9 @@ pub fn bench_train_step(config: &Path, opts: &BenchOptions) -> Result<BenchResul
     }
     p.run(&mut graph, &RunOptions::default(), |_, _| {})?;
     let info = autodiff(&mut graph, &AutodiffOptions { ignore_index: -100 })?;
+    if opts.fuse {
+        crate::passes::fuse_training_graph(&mut graph)?;
+    }
     let mut session = runtime::backend(runtime::Device::Cpu, opts.threads)?.compile(
         &graph,
         &CompileOptions {

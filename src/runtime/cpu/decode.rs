@@ -184,6 +184,12 @@ impl<'g> DecodeSession<'g> {
                 // Every other op, by group: a new op of these groups is
                 // refused here, and a new LLaMA-level op does not compile
                 // until decoding handles or refuses it.
+                other @ crate::fused_ops!() => {
+                    return Err(fail(format!(
+                        "a decode session runs unfused graphs; {} is made by the `fuse` pass, which is for training and whole-sequence runs: decode the graph before `fuse`",
+                        other.name()
+                    )))
+                }
                 other @ (crate::onnx_math_ops!()
                 | crate::onnx_shape_ops!()
                 | crate::onnx_transformer_ops!()

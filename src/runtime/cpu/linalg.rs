@@ -61,6 +61,10 @@ pub trait Real:
     fn copy_of(src: &[Self]) -> Vec<Self> {
         src.to_vec()
     }
+    /// Gives a scratch buffer back (f32 ones to the session's pool).
+    fn recycle(v: Vec<Self>) {
+        drop(v)
+    }
 
     // Slice kernels of the hot loops. The defaults are the plain library
     // math (f64 keeps them: it serves exact finite-difference checks); f32
@@ -165,6 +169,9 @@ impl Real for f32 {
     }
     fn copy_of(src: &[Self]) -> Vec<Self> {
         super::pool::copy_of(src)
+    }
+    fn recycle(v: Vec<Self>) {
+        crate::runtime::cpu::pool::recycle(v)
     }
     fn exp_sub(row: &mut [Self], shift: Self) {
         vmath::exp_sub(row, shift)

@@ -34,7 +34,7 @@ use super::{
     Backend, CompileOptions, ComputeDType, Decoder, Executable, Optimizer, RunStats, StepOutcome,
     TrainStep,
 };
-use crate::ir::{DType, Graph, Op, Tensor, TensorData, Value};
+use crate::ir::{DType, Graph, NodeIndex, Op, Tensor, TensorData, Value};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -146,6 +146,10 @@ pub struct Session {
     graph: Graph,
     sched: Schedule,
     weights: HashMap<String, Arc<Tensor>>,
+    /// Nodes computed once at compile time because they read only frozen
+    /// weights and constants (the concatenated weight of a `MergedLinear`),
+    /// with their outputs.
+    precomputed: HashMap<NodeIndex, Vec<Arc<Tensor>>>,
     pool: Option<rayon::ThreadPool>,
     /// Buffers of the previous runs' dead values, for the next runs.
     buffers: std::sync::Mutex<pool::BufferPool>,
@@ -190,7 +194,8 @@ impl Session {
         keep_trainable: bool,
     ) -> Result<Session> {
         crate::ir::verify(&graph)?;
-        let sched = Schedule::new(&graph)?;
+        let frozen = precomputable(&graph, keep_trainable);
+        let sched = Schedule::with_precomputed(&graph, &frozen)?;
         // Every weight is decoded and kept resident: refuse up front, not
         // half way through, when they cannot all fit.
         let resident: u128 = graph
@@ -214,6 +219,18 @@ impl Session {
             };
             weights.insert(w.name.clone(), Arc::new(t));
         }
+        let precomputed = precompute(&graph, &frozen, &weights)?;
+        // Weights that only precomputed nodes read are not needed at run
+        // time; `weight` decodes them from the store when asked.
+        let run_time: std::collections::HashSet<&str> = sched
+            .order
+            .iter()
+            .filter_map(|&n| match &graph.node(n).op {
+                Op::Weight { name } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        weights.retain(|name, _| run_time.contains(name.as_str()));
         let pool = match threads {
             None => None,
             Some(n) => Some(
@@ -227,6 +244,7 @@ impl Session {
             graph,
             sched,
             weights,
+            precomputed,
             pool,
             buffers: Default::default(),
             last_stats: RunStats::default(),
@@ -259,7 +277,7 @@ impl Session {
                     &self.graph,
                     &self.sched,
                     inputs,
-                    Resident::Session(&self.weights),
+                    Resident::Session(&self.weights, &self.precomputed),
                 )
             };
             result.map(|(out, mut stats)| {
@@ -329,19 +347,49 @@ impl Session {
             .collect()
     }
 
-    /// Replaces a resident weight (same name, dtype and shape).
+    /// Replaces a weight (same name, dtype and shape). A frozen weight that
+    /// only precomputed nodes read is written to the graph's store and the
+    /// precomputed values are computed again.
     pub fn set_weight(&mut self, name: &str, t: Tensor) -> Result<()> {
-        let cur = self
-            .weights
-            .get(name)
-            .ok_or_else(|| Error::invalid(format!("'{name}' is not a weight of the graph")))?;
-        if cur.dtype != t.dtype || cur.shape != t.shape {
+        let (dtype, shape) = match self.weights.get(name) {
+            Some(cur) => (cur.dtype, cur.shape.clone()),
+            None => {
+                let w = self.graph.weights.get(name).ok_or_else(|| {
+                    Error::invalid(format!("'{name}' is not a weight of the graph"))
+                })?;
+                (w.dtype, w.shape.clone())
+            }
+        };
+        if dtype != t.dtype || shape != t.shape {
             return Err(Error::invalid(format!(
-                "weight '{name}' is {}{:?}; cannot replace it with {}{:?}",
-                cur.dtype, cur.shape, t.dtype, t.shape
+                "weight '{name}' is {dtype}{shape:?}; cannot replace it with {}{:?}",
+                t.dtype, t.shape
             )));
         }
-        self.weights.insert(name.to_string(), Arc::new(t));
+        if self.weights.contains_key(name) {
+            self.weights.insert(name.to_string(), Arc::new(t));
+            return Ok(());
+        }
+        let trainable = self.graph.weights.get(name).is_some_and(|w| w.trainable);
+        self.graph
+            .weights
+            .insert(crate::ir::Weight::from_tensor(name.to_string(), &t, trainable));
+        let frozen: std::collections::HashSet<NodeIndex> =
+            self.precomputed.keys().copied().collect();
+        let mut inputs = self.weights.clone();
+        for n in &frozen {
+            for v in self.graph.inputs_of(*n).into_iter().flatten() {
+                if let Op::Weight { name } = &self.graph.node(v.node).op {
+                    if !inputs.contains_key(name) {
+                        let w = self.graph.weights.get(name).ok_or_else(|| {
+                            Error::invalid(format!("weight '{name}' is not in the store"))
+                        })?;
+                        inputs.insert(name.clone(), Arc::new(w.to_tensor()?));
+                    }
+                }
+            }
+        }
+        self.precomputed = precompute(&self.graph, &frozen, &inputs)?;
         Ok(())
     }
 
@@ -493,9 +541,17 @@ impl Executable for Session {
     }
 
     fn weight(&self, name: &str) -> Result<Tensor> {
-        Session::weight(self, name)
-            .cloned()
-            .ok_or_else(|| Error::invalid(format!("'{name}' is not a weight of the graph")))
+        match Session::weight(self, name) {
+            Some(t) => Ok(t.clone()),
+            // Read only at compile time (into a precomputed value): the
+            // store holds it.
+            None => self
+                .graph
+                .weights
+                .get(name)
+                .ok_or_else(|| Error::invalid(format!("'{name}' is not a weight of the graph")))?
+                .to_tensor(),
+        }
     }
 
     fn set_weight(&mut self, name: &str, t: Tensor) -> Result<()> {
@@ -673,10 +729,89 @@ fn execute(
     execute_with(graph, &sched, inputs, Resident::Decode(compute))
 }
 
+/// Nodes of `graph` that read only frozen weights, constants and other
+/// such nodes (never an input, never a trainable weight when
+/// `keep_trainable`): a session computes them once, when it is built.
+/// Constants and weights themselves are not listed, nor nodes that nothing
+/// at run time reads.
+fn precomputable(graph: &Graph, keep_trainable: bool) -> std::collections::HashSet<NodeIndex> {
+    let mut fixed: std::collections::HashSet<NodeIndex> = std::collections::HashSet::new();
+    let mut out = std::collections::HashSet::new();
+    let Ok(order) = graph.topo_order() else {
+        return out;
+    };
+    for n in order {
+        let node = graph.node(n);
+        let is_fixed = match &node.op {
+            Op::Weight { name } => {
+                !(keep_trainable && graph.weights.get(name).is_some_and(|w| w.trainable))
+            }
+            Op::Constant { .. } => true,
+            Op::Input => false,
+            // Only the weight concatenation of a merge is worth keeping:
+            // other weight-only work (a transpose, a cast) would keep a
+            // second copy of a weight for little gain.
+            Op::Concat { .. } => {
+                let ins = graph.inputs_of(n);
+                !ins.is_empty() && ins.iter().all(|v| v.is_some_and(|v| fixed.contains(&v.node)))
+            }
+            _ => false,
+        };
+        if is_fixed {
+            fixed.insert(n);
+            if matches!(node.op, Op::Concat { .. }) {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+/// Computes the precomputable nodes from the decoded weights.
+fn precompute(
+    graph: &Graph,
+    nodes: &std::collections::HashSet<NodeIndex>,
+    weights: &HashMap<String, Arc<Tensor>>,
+) -> Result<HashMap<NodeIndex, Vec<Arc<Tensor>>>> {
+    let mut done: HashMap<NodeIndex, Vec<Arc<Tensor>>> = HashMap::new();
+    for n in graph.topo_order()? {
+        if !nodes.contains(&n) {
+            continue;
+        }
+        let node = graph.node(n);
+        let fail = |msg: String| Error::exec(graph.display_name(n), node.op.name(), msg);
+        let mut ins: Ins = Vec::new();
+        for v in graph.inputs_of(n) {
+            let t = match v {
+                None => None,
+                Some(v) => Some(match &graph.node(v.node).op {
+                    Op::Weight { name } => weights
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| fail(format!("weight '{name}' is not decoded")))?,
+                    Op::Constant { value } => Arc::new(value.clone()),
+                    _ => done
+                        .get(&v.node)
+                        .and_then(|o| o.get(v.slot))
+                        .cloned()
+                        .ok_or_else(|| fail("an input was not precomputed".into()))?,
+                }),
+            };
+            ins.push(t);
+        }
+        let outs = run_kernel(&node.op, &mut ins, node.outputs.len()).map_err(fail)?;
+        done.insert(n, outs);
+    }
+    Ok(done)
+}
+
 /// Where a run's weights come from.
 enum Resident<'a> {
-    /// A [`Session`]'s, decoded once.
-    Session(&'a HashMap<String, Arc<Tensor>>),
+    /// A [`Session`]'s, decoded once, and its precomputed nodes.
+    Session(
+        &'a HashMap<String, Arc<Tensor>>,
+        &'a HashMap<NodeIndex, Vec<Arc<Tensor>>>,
+    ),
     /// Decoded from the store when first read, for computing in this dtype.
     Decode(ComputeDType),
 }
@@ -690,9 +825,9 @@ fn execute_with(
     inputs: &HashMap<String, Tensor>,
     weights: Resident,
 ) -> Result<(HashMap<String, Tensor>, RunStats)> {
-    let (resident, compute) = match weights {
-        Resident::Session(r) => (Some(r), ComputeDType::F32),
-        Resident::Decode(c) => (None, c),
+    let (resident, precomputed, compute) = match weights {
+        Resident::Session(r, p) => (Some(r), Some(p), ComputeDType::F32),
+        Resident::Decode(c) => (None, None, c),
     };
     validate_inputs(graph, inputs)?;
     let mut values = Values::new(petgraph::visit::NodeIndexable::node_bound(&graph.g));
@@ -714,7 +849,11 @@ fn execute_with(
         let node = graph.node(n);
         let fail = |msg: String| Error::exec(graph.display_name(n), node.op.name(), msg);
         let mut ins: Vec<Option<Arc<Tensor>>> = Vec::with_capacity(node.num_inputs);
+        let is_precomputed = precomputed.is_some_and(|p| p.contains_key(&n));
         for (port, v) in graph.inputs_of(n).into_iter().enumerate() {
+            if is_precomputed {
+                break;
+            }
             ins.push(match v {
                 None => None,
                 Some(v) => Some(values.get(v).cloned().ok_or_else(|| {
@@ -735,6 +874,9 @@ fn execute_with(
         }
 
         let outs: Vec<Arc<Tensor>> = match &node.op {
+            _ if is_precomputed => {
+                precomputed.and_then(|p| p.get(&n)).cloned().unwrap_or_default()
+            }
             Op::Input => {
                 let name = &node.outputs[0].name;
                 let t = inputs
@@ -1163,6 +1305,26 @@ pub(crate) fn run_kernel(
             req(ins, 2)?,
         )?),
         Op::LinearGradWeight => one(kernels::linear_grad_weight(req(ins, 0)?, req(ins, 1)?)?),
+        Op::Fused(e) => {
+            let xs: Vec<&Tensor> = ins
+                .iter()
+                .enumerate()
+                .map(|(i, t)| t.as_deref().ok_or_else(|| format!("required input {i} is missing")))
+                .collect::<std::result::Result<_, _>>()?;
+            one(kernels::fused(e, &xs)?)
+        }
+        Op::MergedLinear(m) => {
+            let loras: Vec<Option<(&Tensor, &Tensor)>> = m
+                .lora_ports()
+                .into_iter()
+                .map(|p| match p {
+                    Some((a, b)) => Ok(Some((req(ins, a)?, req(ins, b)?))),
+                    None => Ok(None),
+                })
+                .collect::<std::result::Result<_, String>>()?;
+            let outs = kernels::merged_linear(m, req(ins, 0)?, req(ins, 1)?, &loras)?;
+            Ok(outs.into_iter().map(Arc::new).collect())
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`swiglu`] | SwiGlu, SwiGluGrad |
 //! | [`embedding`] | Embedding, EmbeddingGrad |
 //! | [`cross_entropy`] | CrossEntropy, CrossEntropyGrad |
+//! | [`fused`] | Fused (elementwise expressions), MergedLinear |
 //!
 //! Each file also has a `reference` module: the op written as plain index
 //! loops in f64, slow and obviously right. It is what the op means, and
@@ -29,6 +30,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod fused;
 pub mod linear;
 pub mod onnx_nn;
 pub mod rms_norm;
@@ -41,6 +43,7 @@ mod testutil;
 pub use attention::{attention, attention_fwd, attention_grad};
 pub use cross_entropy::{cross_entropy, cross_entropy_grad};
 pub use embedding::{embedding, embedding_grad};
+pub use fused::{fused, merged_linear};
 pub use linear::{linear, linear_grad_weight, lora_linear};
 pub use onnx_nn::{onnx_attention, reduce, rms_normalization, rotary_embedding, softmax};
 pub use rms_norm::{rms_norm, rms_norm_grad};
