@@ -6,6 +6,7 @@ pub mod diff;
 mod dtype;
 mod graph;
 pub mod infer;
+mod llama_config;
 mod op;
 mod patch;
 pub mod print;
@@ -17,6 +18,7 @@ mod weights;
 
 pub use dtype::DType;
 pub use graph::{beyond_config, Edge, Graph, ModelMeta, Node, Output, Value, BEYOND_CONFIG_PROP};
+pub use llama_config::{ConfigForm, LlamaConfig, Recorded, StructuralConfig, CONFIG_PROP};
 pub use op::*;
 pub use patch::{Patch, PatchStats, PatchValue};
 pub use petgraph::stable_graph::NodeIndex;

@@ -898,7 +898,7 @@ pub fn vocab_and_eos(graph: &Graph) -> (usize, Option<u32>) {
         .unwrap_or(0);
     let eos = graph
         .meta
-        .prop(crate::hf::CONFIG_PROP)
+        .prop(crate::ir::CONFIG_PROP)
         .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
         .and_then(|v| v.get("eos_token_id").and_then(|e| e.as_u64()))
         .map(|e| e as u32);
