@@ -12,7 +12,7 @@
 
 use crate::hf::peft;
 use crate::ir::Graph;
-use crate::passes::{self, merge_lora, Pass, Report, RunOptions};
+use crate::passes::{self, lora, merge_lora, Pass, Report, RunOptions};
 use crate::train::trainer::RunOutputs;
 use crate::{Error, Result};
 use std::path::Path;
@@ -22,7 +22,7 @@ use std::path::Path;
 pub fn apply(graph: &mut Graph, adapter: Option<&Path>, trainable: Option<&Path>) -> Result<()> {
     if let Some(dir) = adapter {
         let a = peft::load_adapter(dir)?;
-        peft::apply_adapter(graph, &a)
+        lora::apply_adapter(graph, &a.lora())
             .map_err(|e| Error::invalid(format!("applying the adapter {}: {e}", dir.display())))?;
     }
     if let Some(file) = trainable {

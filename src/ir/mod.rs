@@ -7,6 +7,7 @@ mod dtype;
 mod graph;
 pub mod infer;
 mod llama_config;
+pub mod lora;
 mod op;
 mod patch;
 pub mod print;

@@ -170,7 +170,7 @@ pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
         if let Some(p) = &pipeline {
             run_pipeline(&mut graph, p, &cfg.set, true)?;
         }
-        crate::hf::peft::apply_adapter(&mut graph, &adapter)?;
+        crate::passes::lora::apply_adapter(&mut graph, &adapter.lora())?;
     } else if let Some(p) = &pipeline {
         run_pipeline(&mut graph, p, &cfg.set, false)?;
     }
@@ -789,7 +789,7 @@ impl Trainer {
         } else if graph
             .weights
             .iter()
-            .any(|w| w.trainable && !crate::passes::lora::is_lora_weight(&w.name))
+            .any(|w| w.trainable && !crate::ir::lora::is_lora_weight(&w.name))
         {
             let file = out.join("trainable_params.safetensors");
             crate::hf::peft::save_trainable(&graph, &file)?;
