@@ -86,6 +86,50 @@ pub fn merge(model: &Path, adapter: &Path, trainable: Option<&Path>) -> Result<G
     Ok(graph)
 }
 
+/// What `lcc merge` folds into a base model.
+#[derive(Clone, Copy, Debug)]
+pub enum MergeSource<'a> {
+    /// A `run-train --out` directory ([`merge_run`]).
+    Run(&'a Path),
+    /// A PEFT adapter and, optionally, LongLoRA's trainable weights.
+    Adapter {
+        adapter: &'a Path,
+        trainable: Option<&'a Path>,
+    },
+}
+
+/// `lcc merge`: loads `model` (an HF dir or ONNX), raises a torch export to
+/// LLaMA-level ops (with `no_raise`, refuses it), and merges `source` into
+/// it; with no source, the model is still loaded and checked first, then
+/// the error says what to give. The warnings and the raise's note go to
+/// `note`.
+pub fn merge_into(
+    model: &Path,
+    source: Option<MergeSource>,
+    no_raise: bool,
+    note: &mut dyn FnMut(&str),
+) -> Result<Graph> {
+    let mut graph = crate::model::load_noting(model, note)?;
+    if let Some(line) = crate::model::raise_on_demand(&mut graph, model, no_raise, "merge")? {
+        note(&line);
+    }
+    match source {
+        Some(MergeSource::Run(run)) => {
+            merge_run(&mut graph, run)?;
+        }
+        Some(MergeSource::Adapter { adapter, trainable }) => {
+            apply(&mut graph, Some(adapter), trainable)?;
+            fold_lora(&mut graph)?;
+        }
+        None => {
+            return Err(Error::invalid(
+                "name what to merge: --adapter DIR or --run DIR",
+            ))
+        }
+    }
+    Ok(graph)
+}
+
 /// `lcc merge MODEL --run DIR`: the base `graph` with the run's position
 /// interpolation, adapter and trainable weights, merged.
 pub fn merge_run(graph: &mut Graph, run: &Path) -> Result<Vec<Report>> {

@@ -148,10 +148,7 @@ pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
         .model
         .as_deref()
         .ok_or_else(|| Error::invalid("no model given"))?;
-    let mut graph = crate::model::load(model)?;
-    if let Some(w) = crate::model::unused_tensors_warning(&graph, model) {
-        eprintln!("{w}");
-    }
+    let mut graph = crate::model::load_noting(model, &mut |w| eprintln!("{w}"))?;
     if let Some(report) = crate::passes::ensure_llama_level(&mut graph, "run-train")? {
         eprintln!("{}", report.summary_line());
     }
