@@ -514,18 +514,23 @@ struct PipelineArgs {
 }
 
 impl PipelineArgs {
-    fn build(&self) -> Result<passes::Pipeline> {
-        let mut pipeline = match &self.pipeline {
-            Some(p) => passes::Pipeline::recipe(&p.to_string_lossy())?,
-            None if !self.passes.is_empty() => {
-                passes::Pipeline::from_names(&self.passes.join(","))?
-            }
-            None => bail!("name the passes to run: --passes pi,s2attn,lora or --pipeline RECIPE"),
-        };
-        for s in &self.set {
-            pipeline.set(s)?;
+    fn spec(&self) -> passes::PipelineSpec {
+        passes::PipelineSpec {
+            recipe: self
+                .pipeline
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            passes: self.passes.clone(),
+            set: self.set.clone(),
         }
-        Ok(pipeline)
+    }
+
+    /// The pipeline, which must be named.
+    fn build(&self) -> Result<passes::Pipeline> {
+        match self.spec().build()? {
+            Some(p) => Ok(p),
+            None => bail!("name the passes to run: --passes pi,s2attn,lora or --pipeline RECIPE"),
+        }
     }
 }
 
@@ -599,20 +604,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             external_data,
         } => {
-            let mut graph = load_model(&model)?;
-            raise_on_demand(&mut graph, &model, no_raise, "merge")?;
-            let merged = match (&run, &adapter) {
-                (Some(run), _) => {
-                    lcc::merge::merge_run(&mut graph, run)?;
-                    run.display().to_string()
-                }
-                (None, Some(adapter)) => {
-                    lcc::merge::apply(&mut graph, Some(adapter), trainable.as_deref())?;
-                    lcc::merge::fold_lora(&mut graph)?;
-                    adapter.display().to_string()
-                }
-                (None, None) => bail!("name what to merge: --adapter DIR or --run DIR"),
+            use lcc::merge::MergeSource;
+            let source = match (&run, &adapter) {
+                (Some(run), _) => Some(MergeSource::Run(run)),
+                (None, Some(adapter)) => Some(MergeSource::Adapter {
+                    adapter,
+                    trainable: trainable.as_deref(),
+                }),
+                (None, None) => None,
             };
+            let graph = lcc::merge::merge_into(&model, source, no_raise, &mut print_note)?;
+            let merged = run
+                .as_ref()
+                .or(adapter.as_ref())
+                .map_or(String::new(), |p| p.display().to_string());
             let format = model::save(&graph, &output, &export_options(external_data))
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!(
@@ -759,19 +764,12 @@ fn inspect(path: &Path, print: bool, json: bool, pipeline: &PipelineArgs) -> Res
 
 /// Loads a model and applies `--passes`/`--pipeline` when given.
 fn load_rewritten(path: &Path, pipeline: &PipelineArgs) -> Result<ir::Graph> {
-    let mut graph = load_model(path)?;
-    if !pipeline.passes.is_empty() || pipeline.pipeline.is_some() {
-        let options = passes::RunOptions {
-            no_raise: pipeline.no_raise,
-            ..Default::default()
-        };
-        pipeline.build()?.run(&mut graph, &options, |report, _| {
-            if report.automatic {
-                eprintln!("{}", report.summary_line());
-            }
-        })?;
-    }
-    Ok(graph)
+    Ok(model::load_rewritten(
+        path,
+        &pipeline.spec(),
+        pipeline.no_raise,
+        &mut print_note,
+    )?)
 }
 
 fn inspect_memory(
@@ -785,24 +783,8 @@ fn inspect_memory(
         bail!("--seq-len and --batch must be at least 1");
     }
     let process = lcc::memory::resident_bytes();
-    let mut graph = load_rewritten(path, pipeline)?;
-    let training = graph.weights.iter().any(|w| w.trainable);
-    if training && !graph.outputs.iter().any(|(n, _)| n == "loss") {
-        lcc::passes::autodiff::autodiff(
-            &mut graph,
-            &lcc::passes::autodiff::AutodiffOptions { ignore_index: -100 },
-        )?;
-    }
-    // AdamW keeps two moments per trainable element.
-    let states = if training { 2 } else { 0 };
-    let m = runtime::plan::step_memory(
-        &graph,
-        batch,
-        seq_len,
-        runtime::plan::ElemBytes::Cpu,
-        states,
-        process,
-    )?;
+    let graph = load_rewritten(path, pipeline)?;
+    let (training, m) = model::step_memory(graph, batch, seq_len, process)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
@@ -852,21 +834,9 @@ fn exec(
         .with_context(|| format!("reading inputs from {}", inputs.display()))?
         .into_iter()
         .collect();
-    let backend = runtime::backend(runtime::Device::Cpu, threads)?;
     let start = std::time::Instant::now();
-    let options = runtime::CompileOptions {
-        compute,
-        training: false,
-    };
-    let outputs = backend.compile(&graph, &options)?.run(&tensors)?;
+    let named = runtime::run_once(runtime::Device::Cpu, threads, &graph, &tensors, compute)?;
     let elapsed = start.elapsed();
-    let mut named: Vec<(String, Tensor)> = Vec::with_capacity(outputs.len());
-    for (name, _) in &graph.outputs {
-        match outputs.get(name) {
-            Some(t) => named.push((name.clone(), t.clone())),
-            None => bail!("the run produced no value for output '{name}'"),
-        }
-    }
     hf::write_tensors(output, &named)?;
     for (name, t) in &named {
         eprintln!("wrote {name}: {}{:?}", t.dtype, t.shape);
@@ -1179,51 +1149,49 @@ fn bench(
             "seq", "batch", "attention", "steps", "median ms", "min ms", "tokens/s", "peak RSS"
         );
     }
-    for &seq in seq_lens {
-        for &s2 in patterns {
-            let opts = BenchOptions {
-                seq_len: seq,
-                batch,
-                s2_group: s2.then_some((seq / 4).max(1)),
-                train_embed_norm,
-                warmup_steps: warmup,
-                steps,
-                threads,
-                seed: 0,
-                fuse,
-            };
-            let r = bench_train_step(config, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
+    let base = BenchOptions {
+        seq_len: 0,
+        batch,
+        s2_group: None,
+        train_embed_norm,
+        warmup_steps: warmup,
+        steps,
+        threads,
+        seed: 0,
+        fuse,
+    };
+    for opts in BenchOptions::grid(&base, seq_lens, patterns) {
+        let r = bench_train_step(config, &opts)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:>7} {:>5} {:<16} {:>6} {:>11.1} {:>9.1} {:>11.0} {:>10}",
+                r.seq_len,
+                r.batch,
+                r.attention,
+                r.steps,
+                r.median_ms,
+                r.min_ms,
+                r.tokens_per_s,
+                r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0} MB"))
+            );
+        }
+        if profile && !json {
+            println!(
+                "        output buffers per step: {} reused, {} allocated",
+                r.buffers_reused, r.buffers_allocated
+            );
+            let total: f64 = r.profile.iter().map(|p| p.2).sum();
+            println!(
+                "        {:<20} {:>7} {:>9} {:>6}",
+                "op", "nodes", "ms/step", "%"
+            );
+            for (op, n, ms) in &r.profile {
                 println!(
-                    "{:>7} {:>5} {:<16} {:>6} {:>11.1} {:>9.1} {:>11.0} {:>10}",
-                    r.seq_len,
-                    r.batch,
-                    r.attention,
-                    r.steps,
-                    r.median_ms,
-                    r.min_ms,
-                    r.tokens_per_s,
-                    r.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0} MB"))
+                    "        {op:<20} {n:>7} {ms:>9.2} {:>5.1}%",
+                    100.0 * ms / total.max(1e-12)
                 );
-            }
-            if profile && !json {
-                println!(
-                    "        output buffers per step: {} reused, {} allocated",
-                    r.buffers_reused, r.buffers_allocated
-                );
-                let total: f64 = r.profile.iter().map(|p| p.2).sum();
-                println!(
-                    "        {:<20} {:>7} {:>9} {:>6}",
-                    "op", "nodes", "ms/step", "%"
-                );
-                for (op, n, ms) in &r.profile {
-                    println!(
-                        "        {op:<20} {n:>7} {ms:>9.2} {:>5.1}%",
-                        100.0 * ms / total.max(1e-12)
-                    );
-                }
             }
         }
     }
@@ -1234,11 +1202,7 @@ fn bench(
 /// ([`lcc::train::eval::load_for_eval`]), printing its notes on stderr.
 fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
     if let Some(n) = args.threads {
-        lcc::util::check_threads(n)?;
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("starting the worker threads")?;
+        lcc::util::init_global_threads(n)?;
     }
     let m = lcc::train::eval::EvalModel {
         model: &args.model,
@@ -1247,26 +1211,17 @@ fn load_for_eval(args: &ModelArgs) -> Result<(ir::Graph, Tokenizer)> {
         trainable: args.trainable.as_deref(),
         no_raise: args.no_raise,
     };
-    Ok(lcc::train::eval::load_for_eval(&m, &mut |n| {
-        eprintln!("{n}")
-    })?)
+    Ok(lcc::train::eval::load_for_eval(&m, &mut print_note)?)
+}
+
+/// Notes and warnings of the library go to stderr, a line each.
+fn print_note(line: &str) {
+    eprintln!("{line}");
 }
 
 /// Loads a model, warning on stderr about tensors its config does not use.
 fn load_model(path: &Path) -> lcc::Result<ir::Graph> {
-    let graph = model::load(path)?;
-    if let Some(w) = model::unused_tensors_warning(&graph, path) {
-        eprintln!("{w}");
-    }
-    Ok(graph)
-}
-
-/// [`model::raise_on_demand`], printing its note on stderr.
-fn raise_on_demand(graph: &mut ir::Graph, path: &Path, no_raise: bool, what: &str) -> Result<()> {
-    if let Some(line) = model::raise_on_demand(graph, path, no_raise, what)? {
-        eprintln!("{line}");
-    }
-    Ok(())
+    model::load_noting(path, &mut print_note)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1291,32 +1246,27 @@ fn eval_ppl(
     }
     let (mut graph, tokenizer) = load_for_eval(args)?;
     if attention == AttentionArg::S2 {
-        let mut s2 = passes::Pipeline::from_names("s2attn")?;
-        s2.set("s2attn.group_fraction=0.25")?;
-        s2.run(&mut graph, &passes::RunOptions::default(), |_, _| {})?;
+        eval::use_shifted_sparse_attention(&mut graph)?;
     }
     let tokens = eval::load_eval_tokens(data, &tokenizer)
         .with_context(|| format!("reading the evaluation data {}", data.display()))?;
     eprintln!("{} tokens from {}", tokens.len(), data.display());
-    let mut results = Vec::with_capacity(ctxs.len());
-    for &ctx in ctxs {
-        let start = std::time::Instant::now();
-        let r = eval::perplexity(
-            &graph,
-            &tokens,
-            ctx,
-            stride.unwrap_or(ctx),
-            max_windows,
-            args.compute_dtype.compute(),
-        )
-        .with_context(|| format!("perplexity at context {ctx}"))?;
-        eprintln!(
-            "ctx {ctx}: {} windows in {:.2} s",
-            r.windows,
-            start.elapsed().as_secs_f64()
-        );
-        results.push(r);
-    }
+    let results = eval::perplexity_at_contexts(
+        &graph,
+        &tokens,
+        ctxs,
+        stride,
+        max_windows,
+        args.compute_dtype.compute(),
+        &mut |r, took| {
+            eprintln!(
+                "ctx {}: {} windows in {:.2} s",
+                r.ctx,
+                r.windows,
+                took.as_secs_f64()
+            )
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {

@@ -12,7 +12,7 @@
 
 use crate::hf::peft;
 use crate::ir::Graph;
-use crate::passes::{self, merge_lora, Pass, Report, RunOptions};
+use crate::passes::{self, lora, merge_lora, Pass, Report, RunOptions};
 use crate::train::trainer::RunOutputs;
 use crate::{Error, Result};
 use std::path::Path;
@@ -22,7 +22,7 @@ use std::path::Path;
 pub fn apply(graph: &mut Graph, adapter: Option<&Path>, trainable: Option<&Path>) -> Result<()> {
     if let Some(dir) = adapter {
         let a = peft::load_adapter(dir)?;
-        peft::apply_adapter(graph, &a)
+        lora::apply_adapter(graph, &a.lora())
             .map_err(|e| Error::invalid(format!("applying the adapter {}: {e}", dir.display())))?;
     }
     if let Some(file) = trainable {
@@ -83,6 +83,50 @@ pub fn merge(model: &Path, adapter: &Path, trainable: Option<&Path>) -> Result<G
     passes::ensure_llama_level(&mut graph, "merge")?;
     apply(&mut graph, Some(adapter), trainable)?;
     fold_lora(&mut graph)?;
+    Ok(graph)
+}
+
+/// What `lcc merge` folds into a base model.
+#[derive(Clone, Copy, Debug)]
+pub enum MergeSource<'a> {
+    /// A `run-train --out` directory ([`merge_run`]).
+    Run(&'a Path),
+    /// A PEFT adapter and, optionally, LongLoRA's trainable weights.
+    Adapter {
+        adapter: &'a Path,
+        trainable: Option<&'a Path>,
+    },
+}
+
+/// `lcc merge`: loads `model` (an HF dir or ONNX), raises a torch export to
+/// LLaMA-level ops (with `no_raise`, refuses it), and merges `source` into
+/// it; with no source, the model is still loaded and checked first, then
+/// the error says what to give. The warnings and the raise's note go to
+/// `note`.
+pub fn merge_into(
+    model: &Path,
+    source: Option<MergeSource>,
+    no_raise: bool,
+    note: &mut dyn FnMut(&str),
+) -> Result<Graph> {
+    let mut graph = crate::model::load_noting(model, note)?;
+    if let Some(line) = crate::model::raise_on_demand(&mut graph, model, no_raise, "merge")? {
+        note(&line);
+    }
+    match source {
+        Some(MergeSource::Run(run)) => {
+            merge_run(&mut graph, run)?;
+        }
+        Some(MergeSource::Adapter { adapter, trainable }) => {
+            apply(&mut graph, Some(adapter), trainable)?;
+            fold_lora(&mut graph)?;
+        }
+        None => {
+            return Err(Error::invalid(
+                "name what to merge: --adapter DIR or --run DIR",
+            ))
+        }
+    }
     Ok(graph)
 }
 

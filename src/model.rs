@@ -1,8 +1,11 @@
-//! Models as files: format detection, load, save, and the summary that
-//! `lcc inspect` prints. This is the one place that knows both formats; the
-//! CLI calls it and nothing below it.
+//! Models as files: format detection, load, save, and what `lcc inspect`
+//! reports (the summary, the memory of a training step). This is the one
+//! place that knows both formats; the CLI calls it and nothing below it.
 
 use crate::ir::{Dim, Graph, Op, TensorType};
+use crate::passes::autodiff::{autodiff, AutodiffOptions};
+use crate::passes::{PipelineSpec, RunOptions};
+use crate::runtime::plan::{ElemBytes, StepMemory};
 use crate::util::{group_digits, human_bytes};
 use crate::{hf, onnx, Error, Result};
 use serde::Serialize;
@@ -81,6 +84,67 @@ pub fn load(path: &Path) -> Result<Graph> {
         Format::Onnx => onnx::load(path),
         Format::Hf => hf::load(path),
     }
+}
+
+/// Loads a model ([`load`]); the warning about tensors its config does not
+/// use goes to `note`.
+pub fn load_noting(path: &Path, note: &mut dyn FnMut(&str)) -> Result<Graph> {
+    let graph = load(path)?;
+    if let Some(w) = unused_tensors_warning(&graph, path) {
+        note(&w);
+    }
+    Ok(graph)
+}
+
+/// Loads a model ([`load_noting`]) and runs `pipeline` on it when it names
+/// passes (`lcc inspect --passes/--pipeline`). A pass run automatically (a
+/// raise on demand) says so in one line to `note`.
+pub fn load_rewritten(
+    path: &Path,
+    pipeline: &PipelineSpec,
+    no_raise: bool,
+    note: &mut dyn FnMut(&str),
+) -> Result<Graph> {
+    let mut graph = load_noting(path, note)?;
+    if let Some(p) = pipeline.build()? {
+        let options = RunOptions {
+            no_raise,
+            ..Default::default()
+        };
+        p.run(&mut graph, &options, |report, _| {
+            if report.automatic {
+                note(&report.summary_line());
+            }
+        })?;
+    }
+    Ok(graph)
+}
+
+/// The memory of one step of `graph` on the CPU backend (`lcc inspect
+/// --memory`): a training step with AdamW when it has trainable weights
+/// (the backward built here unless the graph has its loss already), else a
+/// forward. Also says which of the two it is (true: training).
+pub fn step_memory(
+    mut graph: Graph,
+    batch: usize,
+    seq_len: usize,
+    process_bytes: Option<u64>,
+) -> Result<(bool, StepMemory)> {
+    let training = graph.weights.iter().any(|w| w.trainable);
+    if training && !graph.outputs.iter().any(|(n, _)| n == "loss") {
+        autodiff(&mut graph, &AutodiffOptions { ignore_index: -100 })?;
+    }
+    // AdamW keeps two moments per trainable element.
+    let states = if training { 2 } else { 0 };
+    let m = crate::runtime::plan::step_memory(
+        &graph,
+        batch,
+        seq_len,
+        ElemBytes::Cpu,
+        states,
+        process_bytes,
+    )?;
+    Ok((training, m))
 }
 
 /// Raises a torch ONNX export to LLaMA-level ops when `what` needs them and

@@ -27,6 +27,16 @@ pub fn check_threads(n: usize) -> Result<usize> {
     Ok(n)
 }
 
+/// Starts the global worker pool with `n` threads (`--threads` of the
+/// commands that run on it: eval, generate).
+pub fn init_global_threads(n: usize) -> Result<()> {
+    check_threads(n)?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::invalid(format!("starting the worker threads: {e}")))
+}
+
 /// Refuses anything but a regular file (after following links): opening a
 /// FIFO blocks until a writer comes, and a device has no end.
 pub fn check_regular_file(path: &Path) -> Result<std::fs::Metadata> {

@@ -5,10 +5,10 @@
 mod common;
 
 use common::{fixtures, read, tiny};
-use lcc::hf::peft::{self, load_adapter};
+use lcc::hf::peft::load_adapter;
 use lcc::ir::Tensor;
 use lcc::passes::autodiff::{autodiff, AutodiffOptions};
-use lcc::passes::{Pipeline, RunOptions};
+use lcc::passes::{lora, Pipeline, RunOptions};
 use std::collections::HashMap;
 
 /// max|g − g_ref| ≤ 1e-4·max|g_ref| + 1e-7, per tensor; returns the ratio
@@ -35,7 +35,7 @@ fn loss_and_gradients_match_pytorch_peft() {
     let mut golden = read(&dir.join("golden.safetensors"));
     let mut g = lcc::hf::load(&tiny().join("hf")).unwrap();
     let adapter = load_adapter(&dir.join("adapter")).unwrap();
-    peft::apply_adapter(&mut g, &adapter).unwrap();
+    lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     Pipeline::from_names("trainable")
         .unwrap()
         .run(

@@ -1,8 +1,11 @@
 //! Hugging Face dirs end to end: load, save (single and sharded), reload,
 //! tied embeddings, shape-only configs, and the fixture made by transformers.
 
-use lcc::hf::{self, LlamaConfig, SaveOptions};
-use lcc::ir::{print, verify, DType, Graph, Op, RopeScaling, Tensor, Weight, WeightData};
+use lcc::hf::{self, SaveOptions};
+use lcc::ir::{
+    print, verify, ConfigForm, DType, Graph, LlamaConfig, Op, RopeScaling, Tensor, Weight,
+    WeightData,
+};
 use std::path::{Path, PathBuf};
 
 fn config_json(tie: bool) -> serde_json::Value {
@@ -363,7 +366,7 @@ fn save_records_a_rewritten_rope() {
     }
     let out = tmp.path().join("pi");
     hf::save(&g, &out).unwrap();
-    let cfg = LlamaConfig::from_file(&out.join("config.json")).unwrap();
+    let cfg = hf::read_config(&out.join("config.json")).unwrap();
     assert_eq!(cfg.rope_scaling, RopeScaling::Linear { factor: 4.0 });
     let raw: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
@@ -411,8 +414,8 @@ fn transformers_fixture_loads_and_round_trips() {
     let Some(dir) = fixture("hf") else { return };
     let g = hf::load(&dir).unwrap();
     verify(&g).unwrap();
-    let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    assert_eq!(cfg.form, hf::ConfigForm::V5);
+    let cfg = hf::read_config(&dir.join("config.json")).unwrap();
+    assert_eq!(cfg.form, ConfigForm::V5);
     assert_eq!(
         (
             cfg.vocab_size,
@@ -442,9 +445,9 @@ fn transformers_v4_config_fixture_matches_v5() {
     let (Some(v4), Some(dir)) = (fixture("config_v4.json"), fixture("hf")) else {
         return;
     };
-    let c4 = LlamaConfig::from_file(&v4).unwrap();
-    let c5 = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    assert_eq!(c4.form, hf::ConfigForm::V4);
+    let c4 = hf::read_config(&v4).unwrap();
+    let c5 = hf::read_config(&dir.join("config.json")).unwrap();
+    assert_eq!(c4.form, ConfigForm::V4);
     assert_eq!(c4.rope_theta, c5.rope_theta);
     assert_eq!(c4.rope_scaling, c5.rope_scaling);
     assert_eq!(c4.rope_attrs(4), c5.rope_attrs(4));

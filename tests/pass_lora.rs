@@ -6,7 +6,7 @@ mod common;
 use common::{fixtures, max_abs_diff, read, run_no_raise, tiny};
 use lcc::hf::peft::{self, load_adapter, load_trainable, save_adapter};
 use lcc::ir::{print, Graph, Op, Tensor};
-use lcc::passes::{Pipeline, Report, RunOptions};
+use lcc::passes::{lora, Pipeline, Report, RunOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -62,7 +62,7 @@ fn adapter_logits_match_peft() {
     assert_eq!(adapter.config.r, 8);
     assert_eq!(adapter.config.lora_alpha, 16.0);
     assert_eq!(adapter.tensors.len(), 2 * 4 * 2);
-    let report = peft::apply_adapter(&mut g, &adapter).unwrap();
+    let report = lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     assert_eq!(report.matched, 8);
     lcc::ir::verify(&g).unwrap();
     let d = max_abs_diff(&logits(&g), &golden("logits_s7.safetensors"));
@@ -80,7 +80,7 @@ fn rslora_adapter_logits_match_peft() {
     let mut g = tiny_graph();
     let adapter = load_adapter(&peft_dir().join("rslora")).unwrap();
     assert!(adapter.config.use_rslora);
-    peft::apply_adapter(&mut g, &adapter).unwrap();
+    lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     let d = max_abs_diff(&logits(&g), &golden("rslora_logits_s7.safetensors"));
     eprintln!("rsLoRA (r=4, alpha=8, q/v/gate) logits vs PEFT: max abs diff {d:.3e}");
     assert!(d < 1e-4, "{d}");
@@ -132,7 +132,7 @@ fn merge_matches_peft_merge_and_unload() {
 fn merge_lora_pass_composes_with_lora() {
     let mut g = tiny_graph();
     let adapter = load_adapter(&peft_dir().join("adapter")).unwrap();
-    peft::apply_adapter(&mut g, &adapter).unwrap();
+    lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     let params = g.weights.num_params() as i64;
     let r = run_passes(&mut g, "passes: [merge-lora]");
     assert_eq!(r[0].matched, 8);
@@ -325,7 +325,7 @@ fn trainable_marks_embed_and_norms() {
 fn save_adapter_round_trips() {
     let mut g = tiny_graph();
     let adapter = load_adapter(&peft_dir().join("adapter")).unwrap();
-    peft::apply_adapter(&mut g, &adapter).unwrap();
+    lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("out");
     save_adapter(&g, &dir).unwrap();
@@ -351,7 +351,7 @@ fn save_adapter_round_trips() {
     assert!(cfg["base_model_name_or_path"].is_null());
     // Re-applied to a fresh model, the saved adapter gives PEFT's logits.
     let mut g2 = tiny_graph();
-    peft::apply_adapter(&mut g2, &back).unwrap();
+    lora::apply_adapter(&mut g2, &back.lora()).unwrap();
     assert!(max_abs_diff(&logits(&g2), &golden("logits_s7.safetensors")) < 1e-4);
 
     // Trainable params written and read back.
@@ -408,7 +408,7 @@ fn errors_name_what_is_wrong() {
         .replace("\"r\": 8", "\"r\": 4");
     std::fs::write(bad.join("adapter_config.json"), cfg).unwrap();
     let adapter = load_adapter(&bad).unwrap();
-    let e = peft::apply_adapter(&mut tiny_graph(), &adapter)
+    let e = lora::apply_adapter(&mut tiny_graph(), &adapter.lora())
         .unwrap_err()
         .to_string();
     assert!(
@@ -422,7 +422,7 @@ fn errors_name_what_is_wrong() {
         .replace("\"k_proj\"", "\"k_proj\", \"up_proj\"");
     std::fs::write(bad.join("adapter_config.json"), cfg).unwrap();
     let adapter = load_adapter(&bad).unwrap();
-    let e = peft::apply_adapter(&mut tiny_graph(), &adapter)
+    let e = lora::apply_adapter(&mut tiny_graph(), &adapter.lora())
         .unwrap_err()
         .to_string();
     assert!(
@@ -435,7 +435,7 @@ fn errors_name_what_is_wrong() {
 fn lora_graph_exports_to_onnx_and_runs_in_onnxruntime() {
     let mut g = tiny_graph();
     let adapter = load_adapter(&peft_dir().join("adapter")).unwrap();
-    peft::apply_adapter(&mut g, &adapter).unwrap();
+    lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     let ours = logits(&g);
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("lora.onnx");

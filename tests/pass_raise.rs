@@ -46,9 +46,9 @@ fn check_export(file: &str) {
     // The reconstructed config builds the same model.
     let cfg = graph
         .meta
-        .prop(lcc::hf::CONFIG_PROP)
+        .prop(lcc::ir::CONFIG_PROP)
         .expect("hf.config set");
-    let cfg = lcc::hf::LlamaConfig::from_json_str(cfg, std::path::Path::new("hf.config")).unwrap();
+    let cfg = lcc::ir::LlamaConfig::from_json_str(cfg, std::path::Path::new("hf.config")).unwrap();
     assert_eq!(
         (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size),
         (256, 64, 128)
@@ -167,7 +167,7 @@ fn an_unmatched_block_stays_primitive_with_a_note() {
         "{:?}",
         report.notes
     );
-    assert!(graph.meta.prop(lcc::hf::CONFIG_PROP).is_none());
+    assert!(graph.meta.prop(lcc::ir::CONFIG_PROP).is_none());
     // Neg(Neg(x)) = x, so the logits are still torch's.
     let inputs = read(&tiny().join("inputs_s7.safetensors"));
     let expected = read(&tiny().join("logits_s7.safetensors"));

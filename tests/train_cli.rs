@@ -110,7 +110,7 @@ fn run_train_writes_adapter_trainable_params_metrics_plot_checkpoint_and_config(
     // The adapter loads back and applies to the base model.
     let adapter = lcc::hf::peft::load_adapter(&out.join("adapter")).unwrap();
     let mut g = lcc::hf::load(&model).unwrap();
-    lcc::hf::peft::apply_adapter(&mut g, &adapter).unwrap();
+    lcc::passes::lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
     // run.yaml repeats the run.
     let yaml = std::fs::read_to_string(out.join("run.yaml")).unwrap();
     assert!(yaml.contains("seq_len: 32"), "{yaml}");

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let path = std::path::Path::new("fuzz/config.json");
-    let Ok(cfg) = lcc::hf::LlamaConfig::from_json_str(text, path) else {
+    let Ok(cfg) = lcc::ir::LlamaConfig::from_json_str(text, path) else {
         return;
     };
     // Building is linear in the layers; bound it so one input stays fast.

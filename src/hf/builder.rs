@@ -16,16 +16,13 @@
 //! Node names are Hugging Face module paths (`model.layers.0.self_attn.q_proj`);
 //! activations are f32 whatever the weights' storage type.
 
-use super::LlamaConfig;
 use crate::ir::{
-    AttentionAttrs, AttentionPattern, BinaryOp, DType, Dim, Graph, ModelMeta, Op, TensorType,
-    Value, Weight, WeightData, WeightStore,
+    AttentionAttrs, AttentionPattern, BinaryOp, DType, Dim, Graph, LlamaConfig, ModelMeta, Op,
+    TensorType, Value, Weight, WeightData, WeightStore, CONFIG_PROP,
 };
 use crate::{Error, Result};
 use std::path::PathBuf;
 
-/// The metadata key holding the config JSON text.
-pub const CONFIG_PROP: &str = "hf.config";
 /// The metadata key listing checkpoint tensors the builder did not use.
 pub const IGNORED_PROP: &str = "hf.ignored_tensors";
 
@@ -188,10 +185,7 @@ pub fn build_llama(cfg: &LlamaConfig, mut weights: WeightStore) -> Result<Graph>
     g.meta = ModelMeta {
         format: "hf".into(),
         graph_name: Some("LlamaForCausalLM".into()),
-        props: vec![(
-            CONFIG_PROP.into(),
-            serde_json::to_string_pretty(&cfg.to_json()).expect("JSON serializes"),
-        )],
+        props: vec![(CONFIG_PROP.into(), cfg.to_prop_text())],
         ..ModelMeta::default()
     };
     if !ignored.is_empty() {

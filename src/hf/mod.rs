@@ -16,14 +16,14 @@ mod config;
 pub mod peft;
 pub mod safetensors;
 
-pub use builder::{build_llama, expected_weights, shape_only_weights, CONFIG_PROP, IGNORED_PROP};
-pub use config::{ConfigForm, LlamaConfig};
+pub use builder::{build_llama, expected_weights, shape_only_weights, IGNORED_PROP};
+pub use config::read_config;
 pub use safetensors::{
     load_dir_weights, parse_header, read_metadata, read_safetensors, read_tensors,
     write_safetensors, write_sharded, write_tensors, Header, TensorEntry, INDEX_FILE, SINGLE_FILE,
 };
 
-use crate::ir::{AttentionPattern, BinaryOp, Graph, Op, RopeAttrs};
+use crate::ir::{AttentionPattern, BinaryOp, Graph, LlamaConfig, Op, RopeAttrs, CONFIG_PROP};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -62,7 +62,7 @@ pub fn is_hf_dir(path: &Path) -> bool {
 pub fn load(path: &Path) -> Result<Graph> {
     if path.is_file() {
         if path.extension().is_some_and(|e| e == "json") {
-            let cfg = LlamaConfig::from_file(path)?;
+            let cfg = read_config(path)?;
             return build_llama(&cfg, shape_only_weights(&cfg));
         }
         return Err(Error::invalid(format!(
@@ -77,7 +77,7 @@ pub fn load(path: &Path) -> Result<Graph> {
             path.display()
         )));
     }
-    let cfg = LlamaConfig::from_file(&config)?;
+    let cfg = read_config(&config)?;
     let weights = match load_dir_weights(path)? {
         Some(w) => w,
         None => shape_only_weights(&cfg),
@@ -196,14 +196,14 @@ fn check_expressible(graph: &Graph, dir: &Path) -> Result<()> {
 /// half-written: everything is written into a temporary sibling dir first
 /// and moved in at the end.
 pub fn save_with(graph: &Graph, dir: &Path, opts: &SaveOptions) -> Result<()> {
-    let text = graph.meta.prop(CONFIG_PROP).ok_or_else(|| {
+    let cfg = LlamaConfig::from_graph(graph).ok_or_else(|| {
         Error::invalid(format!(
             "the graph is not a LLaMA that lcc recognises as a Hugging Face model: it has no '{CONFIG_PROP}' property (the config.json of a model loaded from a Hugging Face dir); cannot write config.json to {}",
             dir.display()
         ))
     })?;
     check_expressible(graph, dir)?;
-    let mut cfg = LlamaConfig::from_json_str(text, Path::new("<graph property hf.config>"))?;
+    let mut cfg = cfg?;
     if let Some(rope) = graph_rope(graph)? {
         cfg.set_rope(&rope);
     }

@@ -4,16 +4,19 @@
 //! the adapter name), and LongLoRA's `trainable_params` file (the embedding
 //! and norm weights it trains besides LoRA).
 //!
-//! - [`load_adapter`] reads a dir; [`apply_adapter`] adds the LoRA branches
-//!   to a graph (the `lora` pass) and puts the adapter's values in them.
+//! - [`load_adapter`] reads a dir; [`Adapter::lora`] describes it for
+//!   `passes::lora::apply_adapter`, which adds the LoRA branches to a graph
+//!   and puts the adapter's values in them.
 //! - [`save_adapter`] writes a graph's LoRA weights as a PEFT-loadable dir.
 //! - [`load_trainable`] / [`save_trainable`] read and write the trainable
 //!   non-LoRA weights.
 //! - [`merge`] is `lcc merge MODEL --adapter DIR [--trainable FILE]`.
 
-use crate::ir::{DType, Graph, Op, Tensor, TensorData, Weight};
-use crate::passes::lora::{self, is_lora_weight, resolve_target, PEFT_PREFIX};
-use crate::passes::{Pass, Report};
+use crate::ir::lora::{
+    is_lora_weight, lora_a_name, lora_b_name, projection_of, resolve_target, strip_peft_prefix,
+    LoraAdapter,
+};
+use crate::ir::{Graph, Op, Tensor, TensorData, Weight};
 use crate::{Error, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -39,6 +42,23 @@ pub struct Adapter {
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub tensors: Vec<(String, Tensor)>,
+}
+
+impl Adapter {
+    /// The adapter as the `lora` pass applies it.
+    pub fn lora(&self) -> LoraAdapter<'_> {
+        let c = &self.config;
+        LoraAdapter {
+            source: &self.dir,
+            tensor_file: ADAPTER_WEIGHTS,
+            rank: c.r,
+            alpha: c.lora_alpha,
+            dropout: c.lora_dropout,
+            rslora: c.use_rslora,
+            targets: &c.target_modules,
+            tensors: &self.tensors,
+        }
+    }
 }
 
 fn field<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
@@ -192,127 +212,6 @@ fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
     }
 }
 
-/// The HF name of a tensor named with or without PEFT's prefix.
-fn strip_peft_prefix(name: &str) -> &str {
-    name.strip_prefix(PEFT_PREFIX).unwrap_or(name)
-}
-
-/// Replaces the values of existing weight `name` (HF name) by `t`, stored
-/// in the weight's dtype; shapes must match.
-fn replace_values(
-    graph: &mut Graph,
-    name: &str,
-    t: &Tensor,
-    trainable: bool,
-    what: &str,
-) -> Result<()> {
-    let w = graph.weights.get(name).ok_or_else(|| {
-        Error::invalid(format!(
-            "{what}: tensor '{name}' is not a weight of the model"
-        ))
-    })?;
-    if w.shape != t.shape {
-        return Err(Error::invalid(format!(
-            "{what}: tensor '{name}' has shape {:?}, the model's weight is {:?} (was it made for another model or rank?)",
-            t.shape, w.shape
-        )));
-    }
-    let data = match (&t.data, w.dtype) {
-        (TensorData::F32(v), DType::F64) => TensorData::F64(v.iter().map(|&x| x as f64).collect()),
-        (TensorData::F64(v), d) if d != DType::F64 => {
-            TensorData::F32(v.iter().map(|&x| x as f32).collect())
-        }
-        (TensorData::F32(_) | TensorData::F64(_), _) => t.data.clone(),
-        _ => {
-            return Err(Error::invalid(format!(
-                "{what}: tensor '{name}' is {}, not a float type",
-                t.dtype
-            )))
-        }
-    };
-    let typed = Tensor {
-        dtype: w.dtype,
-        shape: t.shape.clone(),
-        data,
-    };
-    graph
-        .weights
-        .insert(Weight::from_tensor(name, &typed, trainable));
-    Ok(())
-}
-
-/// Adds the adapter's LoRA branches to `graph` (the `lora` pass with the
-/// adapter's rank, alpha and targets) and sets A and B to its tensors.
-/// Other tensors in the adapter (PEFT `modules_to_save`, e.g. embeddings)
-/// replace the model's weights of the same name.
-pub fn apply_adapter(graph: &mut Graph, adapter: &Adapter) -> Result<Report> {
-    let c = &adapter.config;
-    let what = format!("adapter {}", adapter.dir.display());
-    let options = lora::Options {
-        rank: c.r,
-        alpha: c.lora_alpha,
-        dropout: c.lora_dropout,
-        rslora: c.use_rslora,
-        targets: c.target_modules.clone(),
-        seed: 0,
-    };
-    let mut report = lora::Lora::new(options)
-        .run(graph)
-        .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
-    report.pass = "lora".into();
-    let expected: Vec<String> = graph
-        .weights
-        .iter()
-        .filter(|w| is_lora_weight(&w.name))
-        .map(|w| w.name.clone())
-        .collect();
-    let given: std::collections::HashSet<&str> =
-        adapter.tensors.iter().map(|(n, _)| n.as_str()).collect();
-    // Only the branches of this adapter's targets need values from it.
-    let targets: Vec<&str> = c
-        .target_modules
-        .iter()
-        .filter_map(|t| resolve_target(t).map(|(_, m)| m))
-        .collect();
-    for name in &expected {
-        let ours = targets
-            .iter()
-            .any(|m| name.contains(&format!(".{m}.lora_")));
-        if ours && !given.contains(name.as_str()) {
-            return Err(Error::invalid(format!(
-                "{what}: {ADAPTER_WEIGHTS} has no tensor '{name}' (the config targets this projection)"
-            )));
-        }
-    }
-    let mut replaced = 0usize;
-    for (name, t) in &adapter.tensors {
-        if is_lora_weight(name) {
-            if !graph.weights.contains(name) {
-                return Err(Error::invalid(format!(
-                    "{what}: tensor '{name}' belongs to no LoRA branch of the model (is the adapter for another model, or are its target_modules wrong?)"
-                )));
-            }
-            // The lora pass made A and B f32; they stay f32 whatever the
-            // file held (read_tensors decodes f16/bf16 to f32 values).
-            replace_values(graph, name, t, true, &what)?;
-        } else {
-            replace_values(graph, strip_peft_prefix(name), t, true, &what)?;
-            replaced += 1;
-        }
-    }
-    report.notes.push(format!(
-        "loaded {} LoRA tensors from {}{}",
-        adapter.tensors.len() - replaced,
-        adapter.dir.display(),
-        if replaced > 0 {
-            format!(", and {replaced} other weights (modules_to_save)")
-        } else {
-            String::new()
-        }
-    ));
-    Ok(report)
-}
-
 /// Writes the graph's LoRA branches as a PEFT adapter dir that
 /// `PeftModel.from_pretrained` loads.
 pub fn save_adapter(graph: &Graph, dir: &Path) -> Result<()> {
@@ -323,7 +222,7 @@ pub fn save_adapter(graph: &Graph, dir: &Path) -> Result<()> {
         let Op::LoraLinear(a) = &graph.node(n).op else {
             continue;
         };
-        let Some((module, short)) = lora::projection_of(graph, n) else {
+        let Some((module, short)) = projection_of(graph, n) else {
             return Err(Error::invalid(format!(
                 "node '{}': a LoraLinear whose weight is not named model.layers.N.<projection>.weight cannot be saved as a PEFT adapter",
                 graph.display_name(n)
@@ -348,8 +247,8 @@ pub fn save_adapter(graph: &Graph, dir: &Path) -> Result<()> {
         if !modules.contains(&m) {
             modules.push(m);
         }
-        names.push(lora::lora_a_name(&module));
-        names.push(lora::lora_b_name(&module));
+        names.push(lora_a_name(&module));
+        names.push(lora_b_name(&module));
     }
     let Some(attrs) = attrs else {
         return Err(Error::invalid(format!(
@@ -427,7 +326,9 @@ pub fn load_trainable(graph: &mut Graph, file: &Path) -> Result<usize> {
     }
     let what = format!("trainable params {}", file.display());
     for (name, t) in &tensors {
-        replace_values(graph, strip_peft_prefix(name), t, true, &what)?;
+        graph
+            .weights
+            .replace_values(strip_peft_prefix(name), t, true, &what)?;
     }
     Ok(tensors.len())
 }

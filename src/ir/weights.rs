@@ -1,6 +1,6 @@
 //! Weights: references into memory-mapped files, never copied at import.
 
-use super::{DType, Tensor};
+use super::{DType, Tensor, TensorData};
 use crate::{Error, Result};
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -143,6 +143,51 @@ impl WeightStore {
                 self.items.push(Some(w));
             }
         }
+    }
+
+    /// Replaces the values of existing weight `name` by `t`, stored in the
+    /// weight's dtype (f32 or f64 values; shapes must match). `what` says
+    /// where the values came from, for errors.
+    pub fn replace_values(
+        &mut self,
+        name: &str,
+        t: &Tensor,
+        trainable: bool,
+        what: &str,
+    ) -> Result<()> {
+        let w = self.get(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "{what}: tensor '{name}' is not a weight of the model"
+            ))
+        })?;
+        if w.shape != t.shape {
+            return Err(Error::invalid(format!(
+                "{what}: tensor '{name}' has shape {:?}, the model's weight is {:?} (was it made for another model or rank?)",
+                t.shape, w.shape
+            )));
+        }
+        let data = match (&t.data, w.dtype) {
+            (TensorData::F32(v), DType::F64) => {
+                TensorData::F64(v.iter().map(|&x| x as f64).collect())
+            }
+            (TensorData::F64(v), d) if d != DType::F64 => {
+                TensorData::F32(v.iter().map(|&x| x as f32).collect())
+            }
+            (TensorData::F32(_) | TensorData::F64(_), _) => t.data.clone(),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{what}: tensor '{name}' is {}, not a float type",
+                    t.dtype
+                )))
+            }
+        };
+        let typed = Tensor {
+            dtype: w.dtype,
+            shape: t.shape.clone(),
+            data,
+        };
+        self.insert(Weight::from_tensor(name, &typed, trainable));
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Option<&Weight> {

@@ -16,73 +16,22 @@
 //! projection is found by the weight it reads, `model.layers.N.<module>.weight`.
 //! A projection that already is a `LoraLinear` is left alone, so a second
 //! run is a no-op and a run with more targets adds only the new ones.
+//!
+//! [`apply_adapter`] runs the pass with a trained adapter's rank, alpha and
+//! targets (an [`LoraAdapter`], as `hf::peft` reads one) and puts its values
+//! in the new branches. The names are PEFT's ([`crate::ir::lora`]).
 
 use super::{Pass, Report};
+use crate::ir::lora::{
+    is_lora_weight, lora_a_name, lora_b_name, projection_of, resolve_target, strip_peft_prefix,
+    LoraAdapter,
+};
 use crate::ir::{
     DType, Graph, LoraAttrs, Op, Output, Patch, PatchValue, Tensor, TensorType, Value, Weight,
 };
 use crate::{Error, Result};
 use petgraph::stable_graph::NodeIndex;
 use serde::Deserialize;
-
-/// The prefix PEFT puts before the model's own module paths.
-pub const PEFT_PREFIX: &str = "base_model.model.";
-
-/// Short target names and the module path inside a decoder layer.
-pub const TARGETS: [(&str, &str); 7] = [
-    ("q", "self_attn.q_proj"),
-    ("k", "self_attn.k_proj"),
-    ("v", "self_attn.v_proj"),
-    ("o", "self_attn.o_proj"),
-    ("gate", "mlp.gate_proj"),
-    ("up", "mlp.up_proj"),
-    ("down", "mlp.down_proj"),
-];
-
-/// Resolves a target (`q`, `q_proj` or `self_attn.q_proj`) to its short
-/// name and module path.
-pub fn resolve_target(target: &str) -> Option<(&'static str, &'static str)> {
-    TARGETS.iter().copied().find(|(short, module)| {
-        target == *short || target == *module || module.rsplit('.').next() == Some(target)
-    })
-}
-
-/// PEFT's name for the A matrix of the projection at `module`
-/// (`model.layers.0.self_attn.q_proj`).
-pub fn lora_a_name(module: &str) -> String {
-    format!("{PEFT_PREFIX}{module}.lora_A.weight")
-}
-
-/// PEFT's name for the B matrix.
-pub fn lora_b_name(module: &str) -> String {
-    format!("{PEFT_PREFIX}{module}.lora_B.weight")
-}
-
-/// Is `name` a LoRA A or B weight?
-pub fn is_lora_weight(name: &str) -> bool {
-    name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
-}
-
-/// The projection a `Linear`/`LoraLinear` node is: its module path
-/// (`model.layers.0.self_attn.q_proj`) and target short name, found from the
-/// name of the weight on port 1.
-pub fn projection_of(graph: &Graph, n: NodeIndex) -> Option<(String, &'static str)> {
-    if !matches!(graph.node(n).op, Op::Linear | Op::LoraLinear(_)) {
-        return None;
-    }
-    let w = graph.inputs_of(n).get(1).copied().flatten()?;
-    let Op::Weight { name } = &graph.node(w.node).op else {
-        return None;
-    };
-    let module = name.strip_suffix(".weight")?;
-    let rest = module.strip_prefix("model.layers.")?;
-    let (layer, suffix) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (short, _) = TARGETS.iter().copied().find(|(_, m)| *m == suffix)?;
-    Some((module.to_string(), short))
-}
 
 fn default_targets() -> Vec<String> {
     ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect()
@@ -330,20 +279,83 @@ impl Pass for Lora {
     }
 }
 
+/// Adds the adapter's LoRA branches to `graph` (this pass with the
+/// adapter's rank, alpha and targets) and sets A and B to its tensors.
+/// Other tensors in the adapter (PEFT `modules_to_save`, e.g. embeddings)
+/// replace the model's weights of the same name.
+pub fn apply_adapter(graph: &mut Graph, adapter: &LoraAdapter) -> Result<Report> {
+    let what = format!("adapter {}", adapter.source.display());
+    let options = Options {
+        rank: adapter.rank,
+        alpha: adapter.alpha,
+        dropout: adapter.dropout,
+        rslora: adapter.rslora,
+        targets: adapter.targets.to_vec(),
+        seed: 0,
+    };
+    let mut report = Lora::new(options)
+        .run(graph)
+        .map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+    report.pass = "lora".into();
+    let expected: Vec<String> = graph
+        .weights
+        .iter()
+        .filter(|w| is_lora_weight(&w.name))
+        .map(|w| w.name.clone())
+        .collect();
+    let given: std::collections::HashSet<&str> =
+        adapter.tensors.iter().map(|(n, _)| n.as_str()).collect();
+    // Only the branches of this adapter's targets need values from it.
+    let targets: Vec<&str> = adapter
+        .targets
+        .iter()
+        .filter_map(|t| resolve_target(t).map(|(_, m)| m))
+        .collect();
+    for name in &expected {
+        let ours = targets
+            .iter()
+            .any(|m| name.contains(&format!(".{m}.lora_")));
+        if ours && !given.contains(name.as_str()) {
+            return Err(Error::invalid(format!(
+                "{what}: {} has no tensor '{name}' (the config targets this projection)",
+                adapter.tensor_file
+            )));
+        }
+    }
+    let mut replaced = 0usize;
+    for (name, t) in adapter.tensors {
+        if is_lora_weight(name) {
+            if !graph.weights.contains(name) {
+                return Err(Error::invalid(format!(
+                    "{what}: tensor '{name}' belongs to no LoRA branch of the model (is the adapter for another model, or are its target_modules wrong?)"
+                )));
+            }
+            // This pass made A and B f32; they stay f32 whatever the file
+            // held (readers decode f16/bf16 to f32 values).
+            graph.weights.replace_values(name, t, true, &what)?;
+        } else {
+            graph
+                .weights
+                .replace_values(strip_peft_prefix(name), t, true, &what)?;
+            replaced += 1;
+        }
+    }
+    report.notes.push(format!(
+        "loaded {} LoRA tensors from {}{}",
+        adapter.tensors.len() - replaced,
+        adapter.source.display(),
+        if replaced > 0 {
+            format!(", and {replaced} other weights (modules_to_save)")
+        } else {
+            String::new()
+        }
+    ));
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_resolve_in_all_spellings() {
-        assert_eq!(resolve_target("q"), Some(("q", "self_attn.q_proj")));
-        assert_eq!(resolve_target("q_proj"), Some(("q", "self_attn.q_proj")));
-        assert_eq!(
-            resolve_target("mlp.down_proj"),
-            Some(("down", "mlp.down_proj"))
-        );
-        assert_eq!(resolve_target("x"), None);
-    }
 
     #[test]
     fn kaiming_bound_is_one_over_sqrt_fan_in() {

@@ -160,6 +160,32 @@ fn checked<P: Pass + 'static, O: DeserializeOwned>(
     Ok(Box::new(new(parse_options(&spec.name, &spec.options)?)?))
 }
 
+/// A pipeline as a command line names it: a recipe or a list of passes,
+/// and option overrides (`--pipeline`, `--passes`, `--set`).
+#[derive(Clone, Debug, Default)]
+pub struct PipelineSpec {
+    /// A recipe: a path, or the name of one in passes/.
+    pub recipe: Option<String>,
+    pub passes: Vec<String>,
+    /// `pass.option=value` overrides.
+    pub set: Vec<String>,
+}
+
+impl PipelineSpec {
+    /// The pipeline, or `None` when neither a recipe nor passes are named.
+    pub fn build(&self) -> Result<Option<Pipeline>> {
+        let mut pipeline = match &self.recipe {
+            Some(r) => Pipeline::recipe(r)?,
+            None if !self.passes.is_empty() => Pipeline::from_names(&self.passes.join(","))?,
+            None => return Ok(None),
+        };
+        for s in &self.set {
+            pipeline.set(s)?;
+        }
+        Ok(Some(pipeline))
+    }
+}
+
 /// The passes lcc knows: the one list that `create`, `lcc passes` and the
 /// recipe checks read.
 pub const REGISTRY: &[PassEntry] = &[

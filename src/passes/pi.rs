@@ -43,11 +43,9 @@
 //! is where transformers' dynamic NTK reads the pretraining length from.
 
 use super::{Pass, Report};
-use crate::hf::{LlamaConfig, CONFIG_PROP};
-use crate::ir::{Graph, Op, Patch, PatchValue, RopeAttrs, RopeScaling, Value};
+use crate::ir::{Graph, LlamaConfig, Op, Patch, PatchValue, RopeAttrs, RopeScaling, Value};
 use crate::{Error, Result};
 use serde::Deserialize;
-use std::path::Path;
 
 const NAME: &str = "pi";
 
@@ -240,13 +238,9 @@ impl Pass for PositionInterpolation {
             }
         }
 
-        let config = match graph.meta.prop(CONFIG_PROP) {
-            Some(text) => Some(
-                LlamaConfig::from_json_str(text, Path::new("<graph property hf.config>"))
-                    .map_err(|e| bad(format!("reading the model's config: {e}")))?,
-            ),
-            None => None,
-        };
+        let config = LlamaConfig::from_graph(graph)
+            .transpose()
+            .map_err(|e| bad(format!("reading the model's config: {e}")))?;
         let (old_factor, recorded_original) = current_factor(&base.scaling);
         let original = match (
             o.original_max_position_embeddings,
@@ -374,10 +368,7 @@ impl Pass for PositionInterpolation {
                 (_, _, Some(c)) => cfg.max_position_embeddings = c,
                 _ => {}
             }
-            let text = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON serializes");
-            if let Some(p) = graph.meta.props.iter_mut().find(|(k, _)| k == CONFIG_PROP) {
-                p.1 = text;
-            }
+            cfg.store_in(graph);
         }
         Ok(report)
     }

@@ -42,10 +42,10 @@
 //! Hugging Face dir. What does not match stays primitive, with a note.
 
 use super::{Pass, Report};
-use crate::hf::CONFIG_PROP;
 use crate::ir::{
     AttentionAttrs, AttentionPattern, BinaryOp, DType, Dim, Graph, Op, Output, Patch, PatchValue,
-    RopeAttrs, RopeScaling, Tensor, TensorType, UnaryOp, Value, Weight, WeightData,
+    RopeAttrs, RopeScaling, StructuralConfig, Tensor, TensorType, UnaryOp, Value, Weight,
+    WeightData,
 };
 use crate::{Error, Result};
 use petgraph::stable_graph::NodeIndex;
@@ -1117,37 +1117,30 @@ fn plan(g: &Graph) -> Plan {
     plan
 }
 
-fn config_json(plan: &Plan, g: &Graph) -> Option<serde_json::Value> {
+fn structural_config(plan: &Plan, g: &Graph) -> Option<StructuralConfig> {
     let embed = plan.embed.as_ref()?;
     let (attn, mlp) = plan.layers.first()?;
     let mlp = mlp.as_ref()?;
     let head = plan.head.as_ref()?;
     let vocab = g.weights.get(&embed.weight)?.shape[0];
     let hidden = g.weights.get(&embed.weight)?.shape[1];
-    let mut cfg = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": mlp.gate.out_features,
-        "num_hidden_layers": plan.layers.len(),
-        "num_attention_heads": attn.heads,
-        "num_key_value_heads": attn.kv_heads,
-        "head_dim": attn.head_dim,
-        "rms_norm_eps": attn.norm.eps as f64,
-        "rope_theta": attn.rope.theta,
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "mlp_bias": false,
-        "tie_word_embeddings": head.lm_head.weight == embed.weight,
-        "dtype": "float32",
-    });
-    // f32 eps printed as f64 carries noise (1e-5 → 9.99999974e-6).
-    cfg["rms_norm_eps"] = serde_json::json!(round_sig(attn.norm.eps as f64));
-    if let RopeScaling::Linear { factor } = attn.rope.scaling {
-        cfg["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor});
-    }
-    Some(cfg)
+    Some(StructuralConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: mlp.gate.out_features,
+        num_hidden_layers: plan.layers.len(),
+        num_attention_heads: attn.heads,
+        num_key_value_heads: attn.kv_heads,
+        head_dim: attn.head_dim,
+        // f32 eps printed as f64 carries noise (1e-5 → 9.99999974e-6).
+        rms_norm_eps: round_sig(attn.norm.eps as f64),
+        rope_theta: attn.rope.theta,
+        linear_rope_factor: match attn.rope.scaling {
+            RopeScaling::Linear { factor } => Some(factor),
+            _ => None,
+        },
+        tie_word_embeddings: head.lm_head.weight == embed.weight,
+    })
 }
 
 impl Pass for Raise {
@@ -1185,7 +1178,7 @@ impl Pass for Raise {
             Some([b, s]) => (b.clone(), s.clone()),
             _ => (Dim::sym("batch"), Dim::sym("seq")),
         };
-        let config = config_json(&plan, graph);
+        let config = structural_config(&plan, graph);
         let before = graph.g.node_count();
         let mut rw = Rewriter {
             g: graph,
@@ -1222,33 +1215,13 @@ impl Pass for Raise {
                 "{transposed} Linear weights were stored [in, out] and were transposed into [out, in] copies"
             ));
         }
-        if let Some(mut cfg) = config {
-            // ONNX that lcc wrote carries the model's config.json in its
-            // metadata: what the graph cannot show (the trained context,
-            // token ids) comes from there.
-            let recorded = graph
-                .meta
-                .prop(CONFIG_PROP)
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok());
-            let mut kept = Vec::new();
-            if let (Some(serde_json::Value::Object(old)), Some(new)) =
-                (recorded, cfg.as_object_mut())
-            {
-                for (k, v) in old {
-                    if !new.contains_key(&k) && k != "rope_scaling" && k != "rope_parameters" {
-                        kept.push(k.clone());
-                        new.insert(k, v);
-                    }
-                }
-            }
-            let text = serde_json::to_string_pretty(&cfg).expect("JSON serializes");
-            graph.meta.props.retain(|(k, _)| k != CONFIG_PROP);
-            graph.meta.props.push((CONFIG_PROP.into(), text));
-            report.notes.push(match cfg.get("max_position_embeddings") {
+        if let Some(cfg) = config {
+            let recorded = cfg.record_in(graph);
+            report.notes.push(match recorded.max_position_embeddings {
                 Some(n) => format!(
                     "raised {} layers; hf.config reconstructed, max_position_embeddings {n} from the model's own hf.config metadata (written by lcc; kept: {})",
                     plan.layers.len(),
-                    kept.join(", ")
+                    recorded.kept.join(", ")
                 ),
                 None => format!(
                     "raised {} layers; hf.config reconstructed; the export records no max_position_embeddings (torch computes cos/sin from the positions), so passes that need the original context ask for pi.original_max_position_embeddings",

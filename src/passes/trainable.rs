@@ -18,8 +18,8 @@
 //! A pattern that matches no weight is an error. Running it twice is the
 //! same as once.
 
-use super::lora::is_lora_weight;
 use super::{Pass, Report};
+use crate::ir::lora::is_lora_weight;
 use crate::ir::Graph;
 use crate::{Error, Result};
 use serde::Deserialize;

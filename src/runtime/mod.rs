@@ -28,6 +28,34 @@ pub enum Device {
     Cpu,
 }
 
+/// Compiles `graph` for inference on `device` and runs it once with
+/// `inputs` by name (`lcc exec`): its outputs, in the graph's order.
+pub fn run_once(
+    device: Device,
+    threads: Option<usize>,
+    graph: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    compute: ComputeDType,
+) -> Result<Vec<(String, Tensor)>> {
+    let options = CompileOptions {
+        compute,
+        training: false,
+    };
+    let outputs = backend(device, threads)?
+        .compile(graph, &options)?
+        .run(inputs)?;
+    graph
+        .outputs
+        .iter()
+        .map(|(name, _)| {
+            let t = outputs.get(name).ok_or_else(|| {
+                Error::invalid(format!("the run produced no value for output '{name}'"))
+            })?;
+            Ok((name.clone(), t.clone()))
+        })
+        .collect()
+}
+
 /// The backend for `device`; `threads: None` uses every core.
 pub fn backend(device: Device, threads: Option<usize>) -> Result<Box<dyn Backend>> {
     match device {

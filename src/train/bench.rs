@@ -32,6 +32,24 @@ pub struct BenchOptions {
     pub fuse: bool,
 }
 
+impl BenchOptions {
+    /// `base` at each sequence length, with full attention (false) and/or
+    /// S²-Attn (true, groups of a quarter of the length) as `s2` lists:
+    /// the rows of `lcc bench`'s table, in order.
+    pub fn grid(base: &BenchOptions, seq_lens: &[usize], s2: &[bool]) -> Vec<BenchOptions> {
+        seq_lens
+            .iter()
+            .flat_map(|&seq| {
+                s2.iter().map(move |&s2| BenchOptions {
+                    seq_len: seq,
+                    s2_group: s2.then_some((seq / 4).max(1)),
+                    ..base.clone()
+                })
+            })
+            .collect()
+    }
+}
+
 /// What one configuration measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchResult {

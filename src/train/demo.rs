@@ -110,7 +110,7 @@ pub fn run_demo(out: &mut impl Write) -> Result<()> {
     // PEFT adapter and trainable params, full attention.
     let mut tuned = base_pi.clone();
     let adapter = crate::hf::peft::load_adapter(&out_dir.join("adapter"))?;
-    crate::hf::peft::apply_adapter(&mut tuned, &adapter)?;
+    crate::passes::lora::apply_adapter(&mut tuned, &adapter.lora())?;
     crate::hf::peft::load_trainable(&mut tuned, &out_dir.join("trainable_params.safetensors"))?;
 
     writeln!(

@@ -258,6 +258,44 @@ pub fn plot_ppl_svg(results: &[PplResult], file: &Path, title: &str) -> Result<(
     Ok(())
 }
 
+/// Switches `graph` to shifted sparse attention with groups of a quarter of
+/// the context (LongLoRA's S²-Attn), for `lcc eval ppl --attention s2`.
+pub fn use_shifted_sparse_attention(graph: &mut Graph) -> Result<()> {
+    let mut s2 = crate::passes::Pipeline::from_names("s2attn")?;
+    s2.set("s2attn.group_fraction=0.25")?;
+    s2.run(graph, &crate::passes::RunOptions::default(), |_, _| {})?;
+    Ok(())
+}
+
+/// [`perplexity`] at each context of `ctxs` (windows every `stride` tokens,
+/// else every `ctx`); `done` sees each result and the time it took.
+pub fn perplexity_at_contexts(
+    graph: &Graph,
+    tokens: &[u32],
+    ctxs: &[usize],
+    stride: Option<usize>,
+    max_windows: Option<usize>,
+    compute: ComputeDType,
+    done: &mut dyn FnMut(&PplResult, std::time::Duration),
+) -> Result<Vec<PplResult>> {
+    let mut results = Vec::with_capacity(ctxs.len());
+    for &ctx in ctxs {
+        let start = std::time::Instant::now();
+        let r = perplexity(
+            graph,
+            tokens,
+            ctx,
+            stride.unwrap_or(ctx),
+            max_windows,
+            compute,
+        )
+        .map_err(|e| Error::invalid(format!("perplexity at context {ctx}: {e}")))?;
+        done(&r, start.elapsed());
+        results.push(r);
+    }
+    Ok(results)
+}
+
 /// The model an evaluation (perplexity, passkey, generation) runs: a base
 /// model, with a run's adapter and trainable weights, or given ones.
 #[derive(Clone, Copy, Debug)]
@@ -276,10 +314,7 @@ pub struct EvalModel<'a> {
 /// — and its tokenizer. Warnings and notes (unused tensors, an automatic
 /// raise) go to `note`.
 pub fn load_for_eval(m: &EvalModel, note: &mut dyn FnMut(&str)) -> Result<(Graph, Tokenizer)> {
-    let mut graph = crate::model::load(m.model)?;
-    if let Some(w) = crate::model::unused_tensors_warning(&graph, m.model) {
-        note(&w);
-    }
+    let mut graph = crate::model::load_noting(m.model, note)?;
     if let Some(line) =
         crate::model::raise_on_demand(&mut graph, m.model, m.no_raise, "evaluation")?
     {

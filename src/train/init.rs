@@ -3,7 +3,7 @@
 //! transformers' `LlamaPreTrainedModel._init_weights`: every projection and
 //! the embedding ~ N(0, initializer_range²) (default 0.02), norms = 1.
 
-use crate::hf::{build_llama, shape_only_weights, LlamaConfig};
+use crate::hf::{build_llama, read_config, shape_only_weights};
 use crate::ir::{DType, Graph, Tensor, Weight};
 use crate::util::SplitMix64;
 use crate::{Error, Result};
@@ -12,7 +12,7 @@ use std::path::Path;
 /// Builds the model of `config` (a config.json file) with random weights
 /// from `seed`; `dtype` overrides the config's `torch_dtype`/`dtype`.
 pub fn init_model(config: &Path, seed: u64, dtype: Option<DType>) -> Result<Graph> {
-    let cfg = LlamaConfig::from_file(config)?;
+    let cfg = read_config(config)?;
     let std = cfg
         .raw
         .get("initializer_range")
@@ -83,7 +83,7 @@ fn normal(n: usize, std: f64, seed: u64, name: &str) -> Vec<f32> {
 
 /// Records the weights' dtype in the graph's config (`torch_dtype`).
 pub fn set_config_dtype(graph: &mut Graph, dt: DType) -> Result<()> {
-    let key = crate::hf::CONFIG_PROP;
+    let key = crate::ir::CONFIG_PROP;
     let Some(text) = graph.meta.prop(key).map(str::to_string) else {
         return Ok(());
     };
@@ -150,7 +150,7 @@ mod tests {
         assert!(vals.iter().any(|&x| x != 0.0));
         assert!(g
             .meta
-            .prop(crate::hf::CONFIG_PROP)
+            .prop(crate::ir::CONFIG_PROP)
             .unwrap()
             .contains("bfloat16"));
     }

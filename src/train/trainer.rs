@@ -148,10 +148,7 @@ pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
         .model
         .as_deref()
         .ok_or_else(|| Error::invalid("no model given"))?;
-    let mut graph = crate::model::load(model)?;
-    if let Some(w) = crate::model::unused_tensors_warning(&graph, model) {
-        eprintln!("{w}");
-    }
+    let mut graph = crate::model::load_noting(model, &mut |w| eprintln!("{w}"))?;
     if let Some(report) = crate::passes::ensure_llama_level(&mut graph, "run-train")? {
         eprintln!("{}", report.summary_line());
     }
@@ -170,7 +167,7 @@ pub fn prepare_model(cfg: &TrainConfig) -> Result<Graph> {
         if let Some(p) = &pipeline {
             run_pipeline(&mut graph, p, &cfg.set, true)?;
         }
-        crate::hf::peft::apply_adapter(&mut graph, &adapter)?;
+        crate::passes::lora::apply_adapter(&mut graph, &adapter.lora())?;
     } else if let Some(p) = &pipeline {
         run_pipeline(&mut graph, p, &cfg.set, false)?;
     }
@@ -789,7 +786,7 @@ impl Trainer {
         } else if graph
             .weights
             .iter()
-            .any(|w| w.trainable && !crate::passes::lora::is_lora_weight(&w.name))
+            .any(|w| w.trainable && !crate::ir::lora::is_lora_weight(&w.name))
         {
             let file = out.join("trainable_params.safetensors");
             crate::hf::peft::save_trainable(&graph, &file)?;
@@ -898,7 +895,7 @@ pub fn vocab_and_eos(graph: &Graph) -> (usize, Option<u32>) {
         .unwrap_or(0);
     let eos = graph
         .meta
-        .prop(crate::hf::CONFIG_PROP)
+        .prop(crate::ir::CONFIG_PROP)
         .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
         .and_then(|v| v.get("eos_token_id").and_then(|e| e.as_u64()))
         .map(|e| e as u32);

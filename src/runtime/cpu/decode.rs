@@ -512,7 +512,7 @@ mod tests {
         pi.run(&mut g, &RunOptions::default(), |_, _| {}).unwrap();
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
         let adapter = crate::hf::peft::load_adapter(&dir.join("adapter")).unwrap();
-        crate::hf::peft::apply_adapter(&mut g, &adapter).unwrap();
+        crate::passes::lora::apply_adapter(&mut g, &adapter.lora()).unwrap();
         crate::hf::peft::load_trainable(&mut g, &dir.join("trainable_params.safetensors")).unwrap();
         assert!(g.op_histogram().contains_key("LoraLinear"));
         let toks = tokens(33);
