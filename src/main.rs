@@ -199,10 +199,10 @@ enum Command {
         /// (and the optimizer).
         #[arg(long)]
         profile: bool,
-        /// Run the training graph as autodiff leaves it, without the `fuse`
-        /// pass (merged q/k/v and gate/up GEMMs, fused elementwise chains).
+        /// Run the `fuse` pass on the training graph after autodiff (merged
+        /// q/k/v and gate/up GEMMs, fused elementwise chains).
         #[arg(long)]
-        no_fuse: bool,
+        fuse: bool,
     },
     /// Write a randomly initialised model (a Hugging Face dir) from a
     /// config.json, for pretraining and benchmarks.
@@ -706,7 +706,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             json,
             profile,
-            no_fuse,
+            fuse,
         } => bench(
             &config,
             &seq_len,
@@ -718,7 +718,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             json,
             profile,
-            !no_fuse,
+            fuse,
         ),
         Command::Init {
             config,

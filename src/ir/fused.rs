@@ -236,7 +236,9 @@ pub fn expand(graph: &mut Graph, n: NodeIndex) -> Result<()> {
                         &[],
                         None,
                     )?,
-                    FusedStep::Unary(op, a) => graph.add(name, Op::Unary(*op), &[vals[*a]], None)?,
+                    FusedStep::Unary(op, a) => {
+                        graph.add(name, Op::Unary(*op), &[vals[*a]], None)?
+                    }
                     FusedStep::Binary(op, a, b) => {
                         graph.add(name, Op::Binary(*op), &[vals[*a], vals[*b]], None)?
                     }
@@ -284,8 +286,18 @@ pub fn expand(graph: &mut Graph, n: NodeIndex) -> Result<()> {
                             &[],
                             None,
                         )?;
-                        let su = graph.add(format!("{p}.mul"), Op::Binary(BinaryOp::Mul), &[u, s], None)?;
-                        graph.add(format!("{p}.add"), Op::Binary(BinaryOp::Add), &[base, su], None)?
+                        let su = graph.add(
+                            format!("{p}.mul"),
+                            Op::Binary(BinaryOp::Mul),
+                            &[u, s],
+                            None,
+                        )?;
+                        graph.add(
+                            format!("{p}.add"),
+                            Op::Binary(BinaryOp::Add),
+                            &[base, su],
+                            None,
+                        )?
                     }
                     _ => base,
                 };

@@ -1224,7 +1224,10 @@ fn rule(cx: &Cx) -> Out {
             for i in 0..cx.tys.len() {
                 let d = cx.ty(i).map(|t| t.dtype);
                 if d.is_some_and(|d| !d.is_float()) {
-                    return Err(format!("input {i} is {}; fused inputs are float", d.unwrap_or(DType::F32)));
+                    return Err(format!(
+                        "input {i} is {}; fused inputs are float",
+                        d.unwrap_or(DType::F32)
+                    ));
                 }
             }
             let dims = broadcast_all(cx, 0..cx.tys.len())?;
@@ -1236,7 +1239,10 @@ fn rule(cx: &Cx) -> Out {
             };
             let wd = w.dims().ok_or("the merged weight's shape is unknown")?;
             if wd.len() != 2 {
-                return Err(format!("the merged weight is {}, must be [out, in]", show(wd)));
+                return Err(format!(
+                    "the merged weight is {}, must be [out, in]",
+                    show(wd)
+                ));
             }
             if let Some(o) = wd[0].fixed() {
                 if o != m.total_out() as u64 {

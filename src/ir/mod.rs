@@ -3,8 +3,8 @@
 //! canonical print and a patch API for rewrites.
 
 pub mod diff;
-mod fused;
 mod dtype;
+mod fused;
 mod graph;
 pub mod infer;
 mod llama_config;
@@ -19,8 +19,11 @@ mod verify;
 mod weights;
 
 pub use dtype::DType;
+pub use fused::{
+    expand, expand_all, fusable_binary, fusable_unary, FusedExpr, FusedStep, MergedLinear,
+    MergedPart,
+};
 pub use graph::{beyond_config, Edge, Graph, ModelMeta, Node, Output, Value, BEYOND_CONFIG_PROP};
-pub use fused::{expand, expand_all, fusable_binary, fusable_unary, FusedExpr, FusedStep, MergedLinear, MergedPart};
 pub use llama_config::{ConfigForm, LlamaConfig, Recorded, StructuralConfig, CONFIG_PROP};
 pub use op::*;
 pub use patch::{Patch, PatchStats, PatchValue};

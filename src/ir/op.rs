@@ -889,8 +889,15 @@ impl Op {
             }
             Op::Fused(e) => {
                 a.push(("expr", e.render()));
-                let d: Vec<String> = e.dtypes.iter().map(|d| d.to_string()).collect();
-                a.push(("dtypes", format!("[{}]", d.join(","))));
+                match e.dtypes.split_first() {
+                    Some((first, rest)) if rest.iter().all(|d| d == first) => {
+                        a.push(("dtype", first.to_string()))
+                    }
+                    _ => {
+                        let d: Vec<String> = e.dtypes.iter().map(|d| d.to_string()).collect();
+                        a.push(("dtypes", format!("[{}]", d.join(","))));
+                    }
+                }
             }
             Op::MergedLinear(m) => {
                 let parts: Vec<String> = m
@@ -899,7 +906,12 @@ impl Op {
                     .map(|p| match &p.lora {
                         None => p.out_features.to_string(),
                         Some(l) => {
-                            let mut s = format!("{}+lora(r={},alpha={}", p.out_features, l.rank, f(l.alpha));
+                            let mut s = format!(
+                                "{}+lora(r={},alpha={}",
+                                p.out_features,
+                                l.rank,
+                                f(l.alpha)
+                            );
                             if l.rslora {
                                 s.push_str(",rslora");
                             }

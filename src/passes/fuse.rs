@@ -152,7 +152,10 @@ fn candidate(graph: &Graph, n: NodeIndex) -> Option<(Value, Candidate)> {
 fn merged_name(names: &[&str]) -> String {
     let split: Vec<Vec<&str>> = names.iter().map(|n| n.split('.').collect()).collect();
     let mut common = 0;
-    while split.iter().all(|s| s.len() > common + 1 && s[common] == split[0][common]) {
+    while split
+        .iter()
+        .all(|s| s.len() > common + 1 && s[common] == split[0][common])
+    {
         common += 1;
     }
     let prefix = split[0][..common].join(".");
@@ -266,9 +269,7 @@ fn fusable(graph: &Graph, n: NodeIndex) -> bool {
     match &node.op {
         Op::Unary(u) => fusable_unary(*u) && in_types == [out],
         Op::Binary(b) => fusable_binary(*b) && in_types == [out, out],
-        Op::Cast { to } => {
-            in_types.len() == 1 && *to == out && held64(in_types[0]) == held64(out)
-        }
+        Op::Cast { to } => in_types.len() == 1 && *to == out && held64(in_types[0]) == held64(out),
         _ => false,
     }
 }
@@ -405,7 +406,11 @@ mod tests {
     #[test]
     fn merged_names() {
         assert_eq!(
-            merged_name(&["m.l.0.attn.q_proj", "m.l.0.attn.k_proj", "m.l.0.attn.v_proj"]),
+            merged_name(&[
+                "m.l.0.attn.q_proj",
+                "m.l.0.attn.k_proj",
+                "m.l.0.attn.v_proj"
+            ]),
             "m.l.0.attn.q_proj+k_proj+v_proj"
         );
         assert_eq!(merged_name(&["a", "b"]), "a+b");

@@ -28,7 +28,7 @@ pub struct BenchOptions {
     pub steps: usize,
     pub threads: Option<usize>,
     pub seed: u64,
-    /// Run the `fuse` pass after autodiff (as `run-train` does).
+    /// Run the `fuse` pass after autodiff.
     pub fuse: bool,
 }
 

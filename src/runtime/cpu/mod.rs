@@ -371,9 +371,11 @@ impl Session {
             return Ok(());
         }
         let trainable = self.graph.weights.get(name).is_some_and(|w| w.trainable);
-        self.graph
-            .weights
-            .insert(crate::ir::Weight::from_tensor(name.to_string(), &t, trainable));
+        self.graph.weights.insert(crate::ir::Weight::from_tensor(
+            name.to_string(),
+            &t,
+            trainable,
+        ));
         let frozen: std::collections::HashSet<NodeIndex> =
             self.precomputed.keys().copied().collect();
         let mut inputs = self.weights.clone();
@@ -753,7 +755,10 @@ fn precomputable(graph: &Graph, keep_trainable: bool) -> std::collections::HashS
             // second copy of a weight for little gain.
             Op::Concat { .. } => {
                 let ins = graph.inputs_of(n);
-                !ins.is_empty() && ins.iter().all(|v| v.is_some_and(|v| fixed.contains(&v.node)))
+                !ins.is_empty()
+                    && ins
+                        .iter()
+                        .all(|v| v.is_some_and(|v| fixed.contains(&v.node)))
             }
             _ => false,
         };
@@ -874,9 +879,10 @@ fn execute_with(
         }
 
         let outs: Vec<Arc<Tensor>> = match &node.op {
-            _ if is_precomputed => {
-                precomputed.and_then(|p| p.get(&n)).cloned().unwrap_or_default()
-            }
+            _ if is_precomputed => precomputed
+                .and_then(|p| p.get(&n))
+                .cloned()
+                .unwrap_or_default(),
             Op::Input => {
                 let name = &node.outputs[0].name;
                 let t = inputs
@@ -1309,7 +1315,10 @@ pub(crate) fn run_kernel(
             let xs: Vec<&Tensor> = ins
                 .iter()
                 .enumerate()
-                .map(|(i, t)| t.as_deref().ok_or_else(|| format!("required input {i} is missing")))
+                .map(|(i, t)| {
+                    t.as_deref()
+                        .ok_or_else(|| format!("required input {i} is missing"))
+                })
                 .collect::<std::result::Result<_, _>>()?;
             one(kernels::fused(e, &xs)?)
         }

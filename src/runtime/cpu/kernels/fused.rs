@@ -11,7 +11,9 @@ use super::{float_kind_error, same_data_kind};
 use crate::ir::{BinaryOp, DType, FusedExpr, FusedStep, MergedLinear, Tensor, TensorData, UnaryOp};
 use crate::runtime::cpu::erf::erf;
 use crate::runtime::cpu::layout::broadcast_shapes;
-use crate::runtime::cpu::linalg::{broadcast_strides, finish, gemm_strided, output_numel, MatRef, Real};
+use crate::runtime::cpu::linalg::{
+    broadcast_strides, finish, gemm_strided, output_numel, MatRef, Real,
+};
 use rayon::prelude::*;
 
 /// Elements evaluated together: every step's block stays in L1.
@@ -190,7 +192,12 @@ fn eval_block<T: Float>(
     dst.copy_from_slice(&scratch[last][..n]);
 }
 
-fn run_expr<T: Float>(e: &FusedExpr, ins: &[&[T]], shapes: &[&[usize]], out_shape: &[usize]) -> Vec<T> {
+fn run_expr<T: Float>(
+    e: &FusedExpr,
+    ins: &[&[T]],
+    shapes: &[&[usize]],
+    out_shape: &[usize],
+) -> Vec<T> {
     let total: usize = out_shape.iter().product();
     let acc: Vec<Access> = shapes.iter().map(|s| access(s, out_shape)).collect();
     let mut out = T::zeroed(total);
@@ -231,13 +238,21 @@ pub fn fused(e: &FusedExpr, ins: &[&Tensor]) -> Result<Tensor, String> {
             .iter()
             .map(|t| f64::slice(&t.data).ok_or_else(|| float_kind_error(OP, "input", t)))
             .collect::<Result<_, _>>()?;
-        Ok(finish(dtype, shape.clone(), run_expr(e, &xs, &shapes, &shape)))
+        Ok(finish(
+            dtype,
+            shape.clone(),
+            run_expr(e, &xs, &shapes, &shape),
+        ))
     } else if f64_steps == 0 {
         let xs: Vec<&[f32]> = ins
             .iter()
             .map(|t| t.as_f32().ok_or_else(|| float_kind_error(OP, "input", t)))
             .collect::<Result<_, _>>()?;
-        Ok(finish(dtype, shape.clone(), run_expr(e, &xs, &shapes, &shape)))
+        Ok(finish(
+            dtype,
+            shape.clone(),
+            run_expr(e, &xs, &shapes, &shape),
+        ))
     } else {
         Err(format!(
             "{OP} mixes f64 and f32 steps; the fuse pass keeps such casts out of expressions"
@@ -291,10 +306,14 @@ pub fn merged_linear(
                 ));
             }
             if !same_data_kind(x, a) || !same_data_kind(x, b) {
-                return Err(format!("{OP} part {i}: lora_A and lora_B must have the input's type"));
+                return Err(format!(
+                    "{OP} part {i}: lora_A and lora_B must have the input's type"
+                ));
             }
         } else if part.lora.is_some() || l.is_some() {
-            return Err(format!("{OP} part {i}: its LoRA inputs do not match its attributes"));
+            return Err(format!(
+                "{OP} part {i}: its LoRA inputs do not match its attributes"
+            ));
         }
     }
 
@@ -399,4 +418,144 @@ pub fn merged_linear(
         _ => return Err(float_kind_error(OP, "input", x)),
     };
     Ok(outs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::cpu::elementwise as ew;
+
+    fn t(dtype: DType, shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 + seed * 11) % 101) as f32 / 25.0 - 2.0)
+            .collect();
+        let mut x = Tensor::f32(shape.to_vec(), v);
+        x.dtype = dtype;
+        crate::runtime::cpu::layout::normalize(&mut x);
+        x
+    }
+
+    /// `sigmoid(i0 * i1 + 0.5) - i2`, cast to `out`, unfused, op by op.
+    fn unfused(a: &Tensor, b: &Tensor, c: &Tensor, out: DType) -> Tensor {
+        let m = ew::binary(BinaryOp::Mul, a, b).unwrap();
+        let half = Tensor::scalar_of(a.dtype, 0.5);
+        let s = ew::binary(BinaryOp::Add, &m, &half).unwrap();
+        let g = ew::unary(UnaryOp::Sigmoid, &s).unwrap();
+        let d = ew::binary(BinaryOp::Sub, &g, c).unwrap();
+        ew::cast(&d, out).unwrap()
+    }
+
+    fn expr(d: DType, out: DType) -> FusedExpr {
+        use FusedStep::*;
+        FusedExpr {
+            steps: vec![
+                Input(0),
+                Input(1),
+                Binary(BinaryOp::Mul, 0, 1),
+                Scalar(0.5),
+                Binary(BinaryOp::Add, 2, 3),
+                Unary(UnaryOp::Sigmoid, 4),
+                Input(2),
+                Binary(BinaryOp::Sub, 5, 6),
+                Cast(7),
+            ],
+            dtypes: vec![d, d, d, d, d, d, d, d, out],
+        }
+    }
+
+    #[test]
+    fn an_expression_equals_its_ops_run_one_by_one_bit_for_bit() {
+        // Same shape, scalar, trailing and general broadcasts; f32, bf16
+        // (every step rounded as stored), f64.
+        let shapes: [(&[usize], &[usize], &[usize]); 4] = [
+            (&[3, 700], &[3, 700], &[3, 700]),
+            (&[2, 5, 300], &[1], &[300]),
+            (&[2, 5, 7], &[5, 1], &[2, 1, 7]),
+            (&[4, 1], &[1, 6], &[4, 6]),
+        ];
+        for (d, out) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::F16),
+        ] {
+            for (sa, sb, sc) in shapes {
+                let (a, b, c) = (t(d, sa, 1), t(d, sb, 2), t(d, sc, 3));
+                let want = unfused(&a, &b, &c, out);
+                let got = fused(&expr(d, out), &[&a, &b, &c]).unwrap();
+                assert_eq!(got, want, "{d}→{out} shapes {sa:?} {sb:?} {sc:?}");
+            }
+        }
+        let f64t = |s: &[usize], seed| {
+            let x = t(DType::F32, s, seed);
+            ew::cast(&x, DType::F64).unwrap()
+        };
+        let (a, b, c) = (f64t(&[3, 9], 1), f64t(&[9], 2), f64t(&[3, 1], 3));
+        let want = unfused(&a, &b, &c, DType::F64);
+        let got = fused(&expr(DType::F64, DType::F64), &[&a, &b, &c]).unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn malformed_expressions_are_refused() {
+        let mut e = expr(DType::F32, DType::F32);
+        e.steps[2] = FusedStep::Binary(BinaryOp::Mul, 0, 5);
+        assert!(e.check().unwrap_err().contains("not before it"));
+        let mut e = expr(DType::F32, DType::F32);
+        e.steps[2] = FusedStep::Binary(BinaryOp::Equal, 0, 1);
+        assert!(e.check().unwrap_err().contains("cannot be fused"));
+        let e = expr(DType::F32, DType::F32);
+        let a = t(DType::F32, &[2], 0);
+        assert!(fused(&e, &[&a, &a]).unwrap_err().contains("reads 3 inputs"));
+        let (x, y) = (t(DType::F32, &[2, 3], 0), t(DType::F32, &[4], 0));
+        assert!(fused(&e, &[&x, &y, &x]).is_err());
+    }
+
+    #[test]
+    fn merged_linear_equals_separate_projections() {
+        use crate::ir::{LoraAttrs, MergedPart};
+        use crate::runtime::cpu::kernels::{linear, lora_linear};
+        let x = t(DType::F32, &[2, 9, 16], 1);
+        let wq = t(DType::F32, &[16, 16], 2);
+        let wk = t(DType::F32, &[8, 16], 3);
+        let (a, b) = (t(DType::F32, &[4, 16], 4), t(DType::F32, &[16, 4], 5));
+        let lora = LoraAttrs {
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            dropout: 0.0,
+        };
+        let m = MergedLinear {
+            parts: vec![
+                MergedPart {
+                    out_features: 16,
+                    lora: Some(lora.clone()),
+                },
+                MergedPart {
+                    out_features: 8,
+                    lora: None,
+                },
+            ],
+        };
+        let mut cat = wq.as_f32().unwrap().to_vec();
+        cat.extend_from_slice(wk.as_f32().unwrap());
+        let w = Tensor::f32(vec![24, 16], cat);
+        let outs = merged_linear(&m, &x, &w, &[Some((&a, &b)), None]).unwrap();
+        let q = lora_linear(&x, &wq, &a, &b, None, lora.scale()).unwrap();
+        let k = linear(&x, &wk, None).unwrap();
+        for (got, want) in outs.iter().zip([q, k]) {
+            assert_eq!(got.shape, want.shape);
+            let d = got
+                .to_f64_vec()
+                .iter()
+                .zip(want.to_f64_vec())
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f64::max);
+            assert!(d < 1e-5, "{d}");
+        }
+        let bad = Tensor::f32(vec![20, 16], vec![0.0; 320]);
+        assert!(merged_linear(&m, &x, &bad, &[Some((&a, &b)), None])
+            .unwrap_err()
+            .contains("[24, in]"));
+    }
 }
