@@ -8,7 +8,7 @@
 //! its dtype as the unfused op's output would be stored.
 
 use super::{float_kind_error, same_data_kind};
-use crate::ir::{BinaryOp, DType, FusedExpr, FusedStep, MergedLinear, Tensor, TensorData, UnaryOp};
+use crate::ir::{BinaryOp, DType, FusedExpr, FusedStep, MergedLinear, Tensor, UnaryOp};
 use crate::runtime::cpu::erf::erf;
 use crate::runtime::cpu::layout::broadcast_shapes;
 use crate::runtime::cpu::linalg::{
@@ -385,38 +385,38 @@ pub fn merged_linear(
         outs
     }
 
-    let shape_of = |of: usize| {
-        let mut s = x.shape.clone();
-        if let Some(last) = s.last_mut() {
-            *last = of;
-        }
-        s
-    };
-    let outs = match (&x.data, &weight.data) {
-        (TensorData::F32(xv), TensorData::F32(wv)) => {
-            let ls: Vec<Option<(&[f32], &[f32])>> = loras
-                .iter()
-                .map(|l| l.and_then(|(a, b)| Some((a.as_f32()?, b.as_f32()?))))
-                .collect();
-            run(m, xv, wv, &ls, rows, in_f, dtype)
-                .into_iter()
+    // The inputs' kind was checked above: all f32-held, or all f64.
+    fn typed<T: Real>(
+        m: &MergedLinear,
+        x: &Tensor,
+        weight: &Tensor,
+        loras: &[Option<(&Tensor, &Tensor)>],
+        rows: usize,
+        in_f: usize,
+        dtype: DType,
+    ) -> Option<Vec<Tensor>> {
+        let (xv, wv) = (T::slice(&x.data)?, T::slice(&weight.data)?);
+        let ls: Vec<Option<(&[T], &[T])>> = loras
+            .iter()
+            .map(|l| l.and_then(|(a, b)| Some((T::slice(&a.data)?, T::slice(&b.data)?))))
+            .collect();
+        let outs = run(m, xv, wv, &ls, rows, in_f, dtype);
+        Some(
+            outs.into_iter()
                 .zip(&m.parts)
-                .map(|(v, p)| finish(dtype, shape_of(p.out_features), v))
-                .collect()
-        }
-        (TensorData::F64(xv), TensorData::F64(wv)) => {
-            let ls: Vec<Option<(&[f64], &[f64])>> = loras
-                .iter()
-                .map(|l| l.and_then(|(a, b)| Some((f64::slice(&a.data)?, f64::slice(&b.data)?))))
-                .collect();
-            run(m, xv, wv, &ls, rows, in_f, dtype)
-                .into_iter()
-                .zip(&m.parts)
-                .map(|(v, p)| finish(dtype, shape_of(p.out_features), v))
-                .collect()
-        }
-        _ => return Err(float_kind_error(OP, "input", x)),
-    };
+                .map(|(v, p)| {
+                    let mut s = x.shape.clone();
+                    if let Some(last) = s.last_mut() {
+                        *last = p.out_features;
+                    }
+                    finish(dtype, s, v)
+                })
+                .collect(),
+        )
+    }
+    let outs = typed::<f32>(m, x, weight, loras, rows, in_f, dtype)
+        .or_else(|| typed::<f64>(m, x, weight, loras, rows, in_f, dtype))
+        .ok_or_else(|| float_kind_error(OP, "input", x))?;
     Ok(outs)
 }
 
